@@ -1,0 +1,629 @@
+"""
+Stage 1 of the Decoupled Autoencoder (DAE): train the encoder with a *weaker* auxiliary decoder.
+
+The paper ("Complexity Matters: Rethinking the Latent Space for Generative Modeling", Hu et al.,
+NeurIPS 2023, Fig. 1) argues that an encoder trained with a strong decoder has no reason to make its
+latent simple: the strong decoder can undo an awkward latent. Training the encoder against a decoder
+of limited capacity (here: dropout inside its blocks and/or fewer channels) pushes the encoder
+towards a latent that is easy to decode, and so easy to generate. Stage 2 (stage2_decoder.py) then
+freezes this encoder and trains the real decoder.
+
+This file also holds what every later stage shares: the datasets (cifar10, the offline `shapes`,
+a folder of images), the Encoder and Decoder, checkpoint and logging helpers.
+
+    python stage1_encoder.py --data shapes --run runs/shapes          # -> runs/shapes/stage1.pt
+    python stage1_encoder.py --data shapes --run runs/joint --aux-dropout 0 --aux-width 1  # baseline
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import pickle
+import sys
+import tarfile
+import time
+import urllib.error
+import urllib.request
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, UnidentifiedImageError
+from tqdm import tqdm
+
+# -----------------------------------------------------------------------------
+# Defaults: the recommended recipe (every one is a flag of main())
+STEPS = 3000            # training steps
+BATCH_SIZE = 64
+LR = 2e-4
+CHANNELS = 64           # base width of the autoencoder
+CH_MULT = (1, 2, 2)     # one level per entry; every level after the first halves the resolution
+LATENT_CHANNELS = 4     # 32x32x3 -> 8x8x4
+AUX_DROPOUT = 0.3       # stage-1 weakening: dropout inside the auxiliary decoder's blocks
+AUX_WIDTH = 1.0         # stage-1 weakening: channel multiplier of the auxiliary decoder
+
+CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"
+SHAPES_CLASSES = ("circle", "ring", "triangle", "square", "pentagon",
+                  "star", "cross", "bar", "arrow", "heart")
+SHAPES_SEED = 0
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+class UserError(Exception):
+    """A mistake the user can fix; main() prints it as one sentence and exits non-zero."""
+
+
+def run_cli(main):
+    """Run main(), turning a UserError into one line on stderr and exit status 1."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+# -----------------------------------------------------------------------------
+# Data: uint8 images (N, H, W, 3) in memory, scaled to [-1, 1] only when batched
+
+@dataclass
+class ImageData:
+    images: torch.Tensor    # (N, H, W, 3) uint8
+    labels: torch.Tensor    # (N,) int64
+    class_names: list
+    description: str
+
+
+def _md5(path):
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download(url, path, md5=None, sha256_prefix=None):
+    """Download url to path (via a temp file), refusing a file whose checksum does not match."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {path.name}") as bar:
+                for chunk in iter(lambda: response.read(1 << 20), b""):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+    except (urllib.error.URLError, OSError, TimeoutError) as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"could not download {url} ({e}); download it by hand and put it at {path}")
+    check_file(tmp, md5=md5, sha256_prefix=sha256_prefix, final_name=path)
+    os.replace(tmp, path)
+    return path
+
+
+def check_file(path, md5=None, sha256_prefix=None, final_name=None):
+    """Refuse (and delete, if it is a download in progress) a file with the wrong checksum."""
+    name = final_name or path
+    if md5 is not None and _md5(path) != md5:
+        if final_name is not None:
+            Path(path).unlink()
+        raise UserError(f"{name} has the wrong md5 (expected {md5}): the file is corrupt or "
+                        f"truncated; delete it and download it again")
+    if sha256_prefix is not None:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        if not h.hexdigest().startswith(sha256_prefix):
+            if final_name is not None:
+                Path(path).unlink()
+            raise UserError(f"{name} has the wrong sha256 (expected it to start with "
+                            f"{sha256_prefix}): the file is corrupt; delete it and get it again")
+
+
+def load_cifar10(data_dir, split):
+    """CIFAR-10 from the python pickle batches, downloaded and md5-checked once."""
+    data_dir = Path(data_dir)
+    archive = data_dir / "cifar-10-python.tar.gz"
+    folder = data_dir / "cifar-10-batches-py"
+    if not (folder / "test_batch").exists():
+        if archive.exists():
+            check_file(archive, md5=CIFAR_MD5)
+        else:
+            download(CIFAR_URL, archive, md5=CIFAR_MD5)
+        tmp = data_dir / "cifar-10-extract.tmp"
+        try:
+            with tarfile.open(archive, "r:gz") as tar:
+                tar.extractall(tmp, filter="data")
+        except (tarfile.TarError, EOFError, OSError) as e:
+            raise UserError(f"{archive} is not a readable CIFAR-10 archive ({e})")
+        if not (tmp / "cifar-10-batches-py" / "test_batch").exists():
+            raise UserError(f"{archive} does not hold cifar-10-batches-py/ as the official archive does")
+        os.replace(tmp / "cifar-10-batches-py", folder)
+        tmp.rmdir()
+
+    def unpickle(name):
+        with open(folder / name, "rb") as f:
+            return pickle.load(f, encoding="bytes")  # the official, md5-checked batches
+
+    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    batches = [unpickle(n) for n in names]
+    images = np.concatenate([b[b"data"] for b in batches]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    labels = np.concatenate([b[b"labels"] for b in batches]).astype(np.int64)
+    classes = [c.decode() for c in unpickle("batches.meta")[b"label_names"]]
+    return ImageData(torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels),
+                     classes, f"cifar10/{split}")
+
+
+def _shape_polygons(name):
+    """The outline(s) of a shape class around (0, 0) with radius about 1: [(points, fill), ...]."""
+    def regular(n, r=1.0, phase=0.0):
+        t = phase + np.arange(n) * 2 * np.pi / n
+        return np.stack([r * np.cos(t), r * np.sin(t)], 1)
+    if name == "circle":
+        return [(regular(64), 255)]
+    if name == "ring":
+        return [(regular(64), 255), (regular(64, 0.55), 0)]
+    if name == "triangle":
+        return [(regular(3, phase=-np.pi / 2), 255)]
+    if name == "square":
+        return [(regular(4, phase=np.pi / 4), 255)]
+    if name == "pentagon":
+        return [(regular(5, phase=-np.pi / 2), 255)]
+    if name == "star":
+        pts = regular(10, phase=-np.pi / 2)
+        pts[1::2] *= 0.45
+        return [(pts, 255)]
+    if name == "cross":
+        a, b = 0.3, 1.0
+        return [(np.array([(-a, -b), (a, -b), (a, -a), (b, -a), (b, a), (a, a), (a, b), (-a, b),
+                           (-a, a), (-b, a), (-b, -a), (-a, -a)]), 255)]
+    if name == "bar":
+        return [(np.array([(-1, -0.28), (1, -0.28), (1, 0.28), (-1, 0.28)]), 255)]
+    if name == "arrow":
+        return [(np.array([(-1, -0.22), (0.15, -0.22), (0.15, -0.6), (1, 0), (0.15, 0.6),
+                           (0.15, 0.22), (-1, 0.22)]), 255)]
+    if name == "heart":
+        t = np.linspace(0, 2 * np.pi, 64, endpoint=False)
+        x = 16 * np.sin(t) ** 3
+        y = 13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t)
+        return [(np.stack([x, -y - 2.5], 1) / 16.5, 255)]
+    raise ValueError(name)
+
+
+def make_shapes(n, seed, size=32, supersample=4):
+    """A deterministic, class-balanced set of n anti-aliased shapes: (images uint8 NHWC, labels)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.permutation(np.arange(n) % len(SHAPES_CLASSES))
+    big = size * supersample
+    polygons = [_shape_polygons(c) for c in SHAPES_CLASSES]
+    # Per image: radius, centre, rotation, foreground colour and a two-colour gradient background.
+    radius = rng.uniform(0.3, 0.48, n) * big
+    centre = rng.uniform(0, 1, (n, 2)) * (big - 2 * radius[:, None]) + radius[:, None]
+    angle = rng.uniform(0, 2 * np.pi, n)
+    bg = rng.uniform(0, 1, (n, 2, 3))
+    fg = rng.uniform(0, 1, (n, 3))
+    direction = rng.uniform(0, 2 * np.pi, n)
+    lum = np.array([0.299, 0.587, 0.114])
+    for _ in range(3):  # keep the shape visible: move a colour too close to its background
+        low_contrast = np.abs(fg @ lum - bg.mean(1) @ lum) < 0.2
+        fg[low_contrast] = (fg[low_contrast] + 0.5) % 1.0
+    fg[low_contrast] = np.where(bg.mean(1)[low_contrast] @ lum > 0.5, 0.05, 0.95)[:, None] * np.ones(3)
+
+    ys, xs = np.mgrid[0:size, 0:size] / (size - 1) - 0.5
+    images = np.empty((n, size, size, 3), np.uint8)
+    for i in range(n):
+        mask = Image.new("L", (big, big), 0)
+        draw = ImageDraw.Draw(mask)
+        c, s = np.cos(angle[i]), np.sin(angle[i])
+        rotation = np.array([[c, -s], [s, c]])
+        for points, fill in polygons[labels[i]]:
+            xy = points @ rotation.T * radius[i] + centre[i]
+            draw.polygon([tuple(p) for p in xy], fill=fill)
+        alpha = np.asarray(mask.resize((size, size), Image.Resampling.BOX), np.float32)[..., None] / 255
+        t = (np.cos(direction[i]) * xs + np.sin(direction[i]) * ys)[..., None] / np.sqrt(2) + 0.5  # (H, W, 1) in [0, 1]
+        background = (1 - t) * bg[i, 0] + t * bg[i, 1]
+        images[i] = np.round(255 * ((1 - alpha) * background + alpha * fg[i]))
+    return images, labels.astype(np.int64)
+
+
+def load_shapes(data_dir, split):
+    """The embedded offline dataset: 50,000 train and 10,000 test images, built once and cached."""
+    path = Path(data_dir) / f"shapes-seed{SHAPES_SEED}-v1.npz"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        print(f"building the shapes dataset once into {path} ...", file=sys.stderr)
+        train_x, train_y = make_shapes(50_000, SHAPES_SEED)
+        test_x, test_y = make_shapes(10_000, SHAPES_SEED + 1)
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez(tmp, train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y)
+        os.replace(tmp, path)
+    with np.load(path) as f:
+        images, labels = f[f"{split}_x"], f[f"{split}_y"]
+    return ImageData(torch.from_numpy(images), torch.from_numpy(labels), list(SHAPES_CLASSES),
+                     f"shapes/{split}")
+
+
+def load_image_file(path, image_size):
+    """One image, centre-cropped to a square and resized: (H, W, 3) uint8."""
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            w, h = im.size
+            side = min(w, h)
+            im = im.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
+            im = im.resize((image_size, image_size), Image.Resampling.BICUBIC)
+            return np.asarray(im, np.uint8)
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise UserError(f"cannot read the image {path} ({e.__class__.__name__}); remove or replace it")
+
+
+def load_folder(folder, image_size):
+    """A folder of images: class sub-folders give labels, a flat folder is one class."""
+    folder = Path(folder)
+    is_image = lambda p: p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+    subdirs = sorted(d for d in folder.iterdir() if d.is_dir() and any(map(is_image, d.rglob("*"))))
+    if subdirs:
+        class_names = [d.name for d in subdirs]
+        files = [(p, i) for i, d in enumerate(subdirs) for p in sorted(filter(is_image, d.rglob("*")))]
+    else:
+        class_names = [folder.name]
+        files = [(p, 0) for p in sorted(filter(is_image, folder.iterdir()))]
+    if not files:
+        raise UserError(f"{folder} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    images = np.stack([load_image_file(p, image_size) for p, _ in tqdm(files, desc="reading images",
+                                                                       disable=len(files) < 1000)])
+    labels = np.array([label for _, label in files], np.int64)
+    return ImageData(torch.from_numpy(images), torch.from_numpy(labels), class_names, str(folder))
+
+
+def load_data(name, data_dir="data", split="train", image_size=32):
+    """`cifar10`, `shapes`, or a folder of images (a folder is both its train and its test split)."""
+    if split not in ("train", "test"):
+        raise UserError(f"--split must be train or test, not {split}")
+    if name == "cifar10":
+        return load_cifar10(data_dir, split)
+    if name == "shapes":
+        return load_shapes(data_dir, split)
+    if not Path(name).is_dir():
+        raise UserError(f"--data {name} is neither cifar10, shapes nor an existing folder of images")
+    return load_folder(name, image_size)
+
+
+def to_model_input(images_uint8):
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) float in [-1, 1]."""
+    return images_uint8.permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def to_uint8_images(x):
+    """(N, 3, H, W) float in [-1, 1] -> (N, H, W, 3) uint8 on the CPU."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+def sample_batch(data, batch_size, generator, flip=True):
+    """A random training batch (with replacement) and random horizontal flips: (x, labels)."""
+    idx = torch.randint(len(data.images), (batch_size,), generator=generator)
+    x = to_model_input(data.images[idx])
+    if flip:
+        flipped = torch.rand(batch_size, generator=generator) < 0.5
+        x = torch.where(flipped[:, None, None, None], x.flip(3), x)
+    return x, data.labels[idx]
+
+
+# -----------------------------------------------------------------------------
+# The autoencoder (LDM-style): ResBlocks with GroupNorm + SiLU, stride-2 down, nearest-upsample up
+
+def Normalize(channels):
+    return nn.GroupNorm(min(32, channels // 4), channels)
+
+
+class ResBlock(nn.Module):
+    """Two 3x3 convs with GroupNorm + SiLU and a residual; dropout sits between the convs."""
+    def __init__(self, in_ch, out_ch, dropout=0.0):
+        super().__init__()
+        self.norm1, self.conv1 = Normalize(in_ch), nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.norm2, self.conv2 = Normalize(out_ch), nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.dropout = nn.Dropout(dropout)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class Encoder(nn.Module):
+    """(N, 3, H, W) image -> (N, latent_channels, H / 2^(levels-1), W / 2^(levels-1)) latent."""
+    def __init__(self, channels=CHANNELS, ch_mult=CH_MULT, latent_channels=LATENT_CHANNELS, num_res_blocks=1):
+        super().__init__()
+        widths = [channels * m for m in ch_mult]
+        layers = [nn.Conv2d(3, widths[0], 3, padding=1)]
+        for level, width in enumerate(widths):
+            in_ch = widths[max(level - 1, 0)]
+            if level > 0:
+                layers.append(nn.Conv2d(in_ch, in_ch, 3, stride=2, padding=1))  # downsample x2
+            for _ in range(num_res_blocks):
+                layers.append(ResBlock(in_ch, width))
+                in_ch = width
+        layers += [ResBlock(widths[-1], widths[-1]), Normalize(widths[-1]), nn.SiLU(),
+                   nn.Conv2d(widths[-1], latent_channels, 3, padding=1)]
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+class Decoder(nn.Module):
+    """(N, latent_channels, h, w) latent -> (N, 3, H, W) image; `width` < 1 and `dropout` > 0 weaken it."""
+    def __init__(self, channels=CHANNELS, ch_mult=CH_MULT, latent_channels=LATENT_CHANNELS, num_res_blocks=1,
+                 width=1.0, dropout=0.0):
+        super().__init__()
+        widths = [max(8, int(round(channels * m * width / 8)) * 8) for m in ch_mult][::-1]  # deepest first
+        layers = [nn.Conv2d(latent_channels, widths[0], 3, padding=1), ResBlock(widths[0], widths[0], dropout)]
+        for level, out_ch in enumerate(widths):
+            in_ch = widths[max(level - 1, 0)]
+            if level > 0:
+                layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(in_ch, in_ch, 3, padding=1)]
+            for _ in range(num_res_blocks):
+                layers.append(ResBlock(in_ch, out_ch, dropout))
+                in_ch = out_ch
+        layers += [Normalize(widths[-1]), nn.SiLU(), nn.Conv2d(widths[-1], 3, 3, padding=1)]
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, z):
+        return self.layers(z)
+
+
+def autoencoder_kwargs(config):
+    """The Encoder/Decoder constructor arguments stored in a checkpoint's config."""
+    return dict(channels=config["channels"], ch_mult=tuple(config["ch_mult"]),
+                latent_channels=config["latent_channels"], num_res_blocks=config["num_res_blocks"])
+
+
+# -----------------------------------------------------------------------------
+# Helpers shared by every stage: device, autocast, checkpoints, logs, pictures, metrics
+
+def pick_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but PyTorch sees no CUDA GPU; use --device cpu")
+    return torch.device(name)
+
+
+def autocast(device):
+    """bf16 autocast on CUDA, plain float32 on the CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def setup_cuda(device):
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def save_checkpoint(obj, path):
+    """torch.save to a temp file in the same folder, then rename: never a half-written checkpoint."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+STAGE_FILES = {1: ("stage1.pt", "stage1_encoder.py"), 2: ("autoencoder.pt", "stage2_decoder.py"),
+               3: ("dit.pt", "train_latent_dit.py")}
+
+
+def load_checkpoint(path, stage):
+    """Load a checkpoint safely (weights_only) and check that it is the stage we expect."""
+    path = Path(path)
+    name, script = STAGE_FILES[stage]
+    if not path.is_file():
+        raise UserError(f"{path} does not exist: run {script} first (it writes {name})")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path} is not a checkpoint this project can read ({e.__class__.__name__})")
+    if not isinstance(ckpt, dict) or ckpt.get("stage") != stage:
+        got = ckpt.get("stage") if isinstance(ckpt, dict) else None
+        raise UserError(f"{path} is {'a stage-%s' % got if got else 'not a'} checkpoint of this project, "
+                        f"but a stage-{stage} one ({name}, written by {script}) is needed")
+    return ckpt
+
+
+def append_log(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def save_grid(images, path, nrow, scale=2):
+    """Save (N, H, W, 3) uint8 images as one PNG with nrow images a row, upscaled for viewing."""
+    images = np.asarray(images)
+    n, h, w, _ = images.shape
+    rows = math.ceil(n / nrow)
+    grid = np.full((rows * (h + 2) + 2, nrow * (w + 2) + 2, 3), 255, np.uint8)
+    for i, im in enumerate(images):
+        r, c = divmod(i, nrow)
+        grid[2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + c * (w + 2): 2 + c * (w + 2) + w] = im
+    picture = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.Resampling.NEAREST)
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
+    picture.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def psnr(x_hat, x):
+    """Per-image PSNR in dB of images in [-1, 1] (peak-to-peak 2, i.e. images in [0, 1] with peak 1)."""
+    mse = ((x_hat.float() - x.float()) / 2).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(1 / mse.clamp_min(1e-10))
+
+
+@torch.no_grad()
+def evaluate_psnr(encoder, decoder, data, device, num=2000, batch_size=250):
+    """Mean reconstruction PSNR over the first `num` images of data (models in eval mode)."""
+    was_training = encoder.training, decoder.training
+    encoder.eval(), decoder.eval()
+    values = []
+    for i in range(0, min(num, len(data.images)), batch_size):
+        x = to_model_input(data.images[i:i + batch_size]).to(device)
+        with autocast(device):
+            x_hat = decoder(encoder(x))
+        values.append(psnr(x_hat.clamp(-1, 1), x).cpu())
+    encoder.train(was_training[0]), decoder.train(was_training[1])
+    return torch.cat(values).mean().item()
+
+
+@torch.no_grad()
+def save_reconstructions(encoder, decoder, data, device, path, num=10):
+    """A PNG with test inputs in the top row and their reconstructions below."""
+    was_training = encoder.training, decoder.training
+    encoder.eval(), decoder.eval()
+    x = to_model_input(data.images[:num]).to(device)
+    with autocast(device):
+        x_hat = decoder(encoder(x))
+    save_grid(torch.cat([data.images[:num], to_uint8_images(x_hat)]), path, nrow=num)
+    encoder.train(was_training[0]), decoder.train(was_training[1])
+
+
+def reconstruction_loss(x_hat, x, kind):
+    return F.l1_loss(x_hat.float(), x) if kind == "l1" else F.mse_loss(x_hat.float(), x)
+
+
+def step_generator(seed, step):
+    """Each step draws its batch from its own seeded generator, so a resumed run sees the same batches."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+# -----------------------------------------------------------------------------
+# DAE stage 1 training
+
+def train(args):
+    device = pick_device(args.device)
+    setup_cuda(device)
+    run = Path(args.run)
+    run.mkdir(parents=True, exist_ok=True)
+    ckpt_path, log_path = run / "stage1.pt", run / "log_stage1.jsonl"
+
+    if args.resume:
+        ckpt = load_checkpoint(ckpt_path, stage=1)
+        config = ckpt["config"]
+    else:
+        config = dict(data=args.data, data_dir=str(args.data_dir), image_size=args.image_size,
+                      channels=args.channels, ch_mult=list(args.ch_mult), latent_channels=args.latent_channels,
+                      num_res_blocks=args.num_res_blocks, aux_dropout=args.aux_dropout,
+                      aux_width=args.aux_width, loss=args.loss, lr=args.lr, batch_size=args.batch_size,
+                      seed=args.seed)
+    train_data = load_data(config["data"], config["data_dir"], "train", config["image_size"])
+    test_data = load_data(config["data"], config["data_dir"], "test", config["image_size"])
+    if train_data.images.shape[1] % 2 ** (len(config["ch_mult"]) - 1):
+        raise UserError(f"--image-size must be divisible by {2 ** (len(config['ch_mult']) - 1)}")
+
+    torch.manual_seed(config["seed"])
+    encoder = Encoder(**autoencoder_kwargs(config)).to(device)
+    # The paper's key idea (Fig. 1): the decoder of stage 1 is deliberately weaker than the real one.
+    aux_decoder = Decoder(**autoencoder_kwargs(config), width=config["aux_width"],
+                          dropout=config["aux_dropout"]).to(device)
+    params = list(encoder.parameters()) + list(aux_decoder.parameters())
+    optimizer = torch.optim.AdamW(params, lr=config["lr"], weight_decay=0.0, fused=device.type == "cuda")
+    step = 0
+    if args.resume:
+        encoder.load_state_dict(ckpt["encoder"])
+        aux_decoder.load_state_dict(ckpt["aux_decoder"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
+        torch.set_rng_state(ckpt["rng_state"])
+        print(f"resuming {ckpt_path} at step {step}", file=sys.stderr)
+    else:
+        log_path.unlink(missing_ok=True)
+    print(f"stage 1 on {train_data.description} ({len(train_data.images)} images), device {device}, "
+          f"encoder {sum(p.numel() for p in encoder.parameters()) / 1e6:.2f}M params, auxiliary decoder "
+          f"{sum(p.numel() for p in aux_decoder.parameters()) / 1e6:.2f}M params "
+          f"(dropout {config['aux_dropout']}, width {config['aux_width']})", file=sys.stderr)
+
+    def train_step(x):
+        with autocast(device):
+            loss = reconstruction_loss(aux_decoder(encoder(x)), x, config["loss"])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss
+    if args.compile:
+        train_step = torch.compile(train_step)
+
+    def checkpoint(metrics):
+        save_checkpoint({"stage": 1, "config": config, "encoder": encoder.state_dict(),
+                         "aux_decoder": aux_decoder.state_dict(), "optimizer": optimizer.state_dict(),
+                         "step": step, "rng_state": torch.get_rng_state(), "metrics": metrics,
+                         "data": {"description": train_data.description, "num_train": len(train_data.images),
+                                  "image_shape": list(train_data.images.shape[1:]),
+                                  "class_names": train_data.class_names}}, ckpt_path)
+
+    encoder.train(), aux_decoder.train()
+    bar = tqdm(total=args.steps, initial=step, desc="stage 1", dynamic_ncols=True)
+    t0, loss_sum, n_sum = time.time(), 0.0, 0
+    while step < args.steps:
+        x, _ = sample_batch(train_data, config["batch_size"], step_generator(config["seed"], step))
+        loss = train_step(x.to(device, non_blocking=True))
+        step += 1
+        loss_sum, n_sum = loss_sum + loss.item(), n_sum + 1
+        bar.update(1)
+        if step % args.log_every == 0 or step == args.steps:
+            images_per_s = n_sum * config["batch_size"] / (time.time() - t0)
+            append_log(log_path, {"step": step, "loss": loss_sum / n_sum, "images_per_s": images_per_s})
+            bar.set_postfix(loss=f"{loss_sum / n_sum:.4f}", img_s=f"{images_per_s:.0f}")
+            t0, loss_sum, n_sum = time.time(), 0.0, 0
+        if step % args.ckpt_every == 0 and step < args.steps:
+            checkpoint({})
+    bar.close()
+
+    metrics = {"test_psnr_aux": evaluate_psnr(encoder, aux_decoder, test_data, device)}
+    save_reconstructions(encoder, aux_decoder, test_data, device, run / "stage1_recon.png")
+    checkpoint(metrics)
+    print(f"wrote {ckpt_path}: test PSNR with the auxiliary decoder {metrics['test_psnr_aux']:.2f} dB",
+          file=sys.stderr)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", default="shapes", help="cifar10, shapes, or a folder of images")
+    p.add_argument("--data-dir", default="data", help="where datasets are downloaded and cached")
+    p.add_argument("--image-size", type=int, default=32, help="image side for a folder of images")
+    p.add_argument("--run", default="runs/shapes", help="run folder: writes stage1.pt, log_stage1.jsonl, stage1_recon.png")
+    p.add_argument("--steps", type=int, default=STEPS, help="total training steps")
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="images per step")
+    p.add_argument("--lr", type=float, default=LR, help="AdamW learning rate")
+    p.add_argument("--channels", type=int, default=CHANNELS, help="base channel width of the autoencoder")
+    p.add_argument("--ch-mult", type=int, nargs="+", default=list(CH_MULT), help="channel multiplier per level")
+    p.add_argument("--latent-channels", type=int, default=LATENT_CHANNELS, help="channels of the latent")
+    p.add_argument("--num-res-blocks", type=int, default=1, help="ResBlocks per level")
+    p.add_argument("--aux-dropout", type=float, default=AUX_DROPOUT, help="dropout inside the auxiliary decoder (0: none)")
+    p.add_argument("--aux-width", type=float, default=AUX_WIDTH, help="channel multiplier of the auxiliary decoder (1: full)")
+    p.add_argument("--loss", choices=["l1", "mse"], default="l1", help="reconstruction loss")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to train")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    p.add_argument("--resume", action="store_true", help="continue from RUN/stage1.pt up to --steps")
+    p.add_argument("--log-every", type=int, default=50, help="steps between log lines")
+    p.add_argument("--ckpt-every", type=int, default=1000, help="steps between checkpoints")
+    args = p.parse_args(argv)
+    if not 0 <= args.aux_dropout < 1 or not 0 < args.aux_width <= 1:
+        raise UserError("--aux-dropout must be in [0, 1) and --aux-width in (0, 1]")
+    if args.steps < 1 or args.batch_size < 1:
+        raise UserError("--steps and --batch-size must be positive")
+    train(args)
+
+
+if __name__ == "__main__":
+    run_cli(main)

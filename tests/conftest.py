@@ -1,0 +1,39 @@
+"""Shared test helpers: run a script as a user would, and a shapes dataset built once per session."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def run_script(script, *args, cwd=None, check=True):
+    """Run one of the project's scripts in a subprocess on the CPU; returns the CompletedProcess."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2")
+    result = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd or ROOT,
+                            env=env, capture_output=True, text=True, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(map(str, args))} failed:\n{result.stderr[-3000:]}")
+    return result
+
+
+def assert_user_error(result, *words):
+    """A user mistake ends with exit 1 and one 'error: ...' line naming the problem, never a traceback."""
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory):
+    """A data folder holding the cached shapes dataset (built once: about 6 s)."""
+    import stage1_encoder
+    data_dir = tmp_path_factory.mktemp("data")
+    stage1_encoder.load_shapes(data_dir, "train")
+    return data_dir
