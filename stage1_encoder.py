@@ -448,6 +448,30 @@ def append_log(path, record):
         f.write(json.dumps(record) + "\n")
 
 
+class Progress:
+    """A tqdm bar plus the JSONL log: metrics are averaged over each window of `log_every` steps."""
+    def __init__(self, log_path, total, initial, images_per_step, log_every, desc):
+        self.log_path, self.images_per_step, self.log_every = log_path, images_per_step, log_every
+        self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
+        self.sums, self.count, self.t0 = {}, 0, time.time()
+
+    def update(self, step, **metrics):
+        """Record one finished step; write a log line every log_every steps and at the last one."""
+        for k, v in metrics.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+        self.count += 1
+        self.bar.update(1)
+        if step % self.log_every == 0 or step == self.bar.total:
+            record = {"step": step, **{k: v / self.count for k, v in self.sums.items()},
+                      "images_per_s": self.count * self.images_per_step / (time.time() - self.t0)}
+            append_log(self.log_path, record)
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
+            self.sums, self.count, self.t0 = {}, 0, time.time()
+
+    def close(self):
+        self.bar.close()
+
+
 def save_grid(images, path, nrow, scale=2):
     """Save (N, H, W, 3) uint8 images as one PNG with nrow images a row, upscaled for viewing."""
     images = np.asarray(images)
@@ -551,15 +575,8 @@ def train(args):
           f"{sum(p.numel() for p in aux_decoder.parameters()) / 1e6:.2f}M params "
           f"(dropout {config['aux_dropout']}, width {config['aux_width']})", file=sys.stderr)
 
-    def train_step(x):
-        with autocast(device):
-            loss = reconstruction_loss(aux_decoder(encoder(x)), x, config["loss"])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return loss
-    if args.compile:
-        train_step = torch.compile(train_step)
+    # torch.compile wraps the modules; the originals keep their plain state_dict names.
+    encode, decode = (torch.compile(encoder), torch.compile(aux_decoder)) if args.compile else (encoder, aux_decoder)
 
     def checkpoint(metrics):
         save_checkpoint({"stage": 1, "config": config, "encoder": encoder.state_dict(),
@@ -570,22 +587,20 @@ def train(args):
                                   "class_names": train_data.class_names}}, ckpt_path)
 
     encoder.train(), aux_decoder.train()
-    bar = tqdm(total=args.steps, initial=step, desc="stage 1", dynamic_ncols=True)
-    t0, loss_sum, n_sum = time.time(), 0.0, 0
+    progress = Progress(log_path, args.steps, step, config["batch_size"], args.log_every, "stage 1")
     while step < args.steps:
         x, _ = sample_batch(train_data, config["batch_size"], step_generator(config["seed"], step))
-        loss = train_step(x.to(device, non_blocking=True))
+        x = x.to(device, non_blocking=True)
+        with autocast(device):
+            loss = reconstruction_loss(decode(encode(x)), x, config["loss"])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
         step += 1
-        loss_sum, n_sum = loss_sum + loss.item(), n_sum + 1
-        bar.update(1)
-        if step % args.log_every == 0 or step == args.steps:
-            images_per_s = n_sum * config["batch_size"] / (time.time() - t0)
-            append_log(log_path, {"step": step, "loss": loss_sum / n_sum, "images_per_s": images_per_s})
-            bar.set_postfix(loss=f"{loss_sum / n_sum:.4f}", img_s=f"{images_per_s:.0f}")
-            t0, loss_sum, n_sum = time.time(), 0.0, 0
+        progress.update(step, loss=loss.item())
         if step % args.ckpt_every == 0 and step < args.steps:
             checkpoint({})
-    bar.close()
+    progress.close()
 
     metrics = {"test_psnr_aux": evaluate_psnr(encoder, aux_decoder, test_data, device)}
     save_reconstructions(encoder, aux_decoder, test_data, device, run / "stage1_recon.png")

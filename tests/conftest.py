@@ -37,3 +37,17 @@ def shapes_dir(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("data")
     stage1_encoder.load_shapes(data_dir, "train")
     return data_dir
+
+
+@pytest.fixture(scope="session")
+def shapes_folder(tmp_path_factory):
+    """A small folder of shapes (20 PNGs in each of 10 class sub-folders): fast data for pipeline tests."""
+    from PIL import Image
+    import stage1_encoder
+    folder = tmp_path_factory.mktemp("shapes_folder")
+    images, labels = stage1_encoder.make_shapes(200, seed=3)
+    for i, (image, label) in enumerate(zip(images, labels)):
+        path = folder / stage1_encoder.SHAPES_CLASSES[label] / f"{i:04d}.png"
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray(image).save(path)
+    return folder

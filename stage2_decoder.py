@@ -1,0 +1,230 @@
+"""
+Stage 2 of the Decoupled Autoencoder (DAE): freeze the stage-1 encoder, train the real decoder.
+
+Stage 1 chose the latent (its encoder was trained against a weak decoder). Stage 2 no longer moves
+the encoder: a fresh, full-strength Decoder learns to read the latent as it is (the paper's Fig. 1,
+second stage). The latent the generative model will see is therefore the stage-1 latent, and the
+image quality comes from the strong decoder.
+
+`--joint` is the paper's baseline instead: it keeps training the encoder and the (unweakened)
+stage-1 decoder together for the same number of steps, so both recipes spend the same compute.
+
+At the end it measures the test PSNR and the latent statistics that the diffusion model uses to
+standardise its inputs (per-channel mean and std, and SD's kind of scale factor).
+
+    python stage2_decoder.py --run runs/shapes          # DAE:   runs/shapes/stage1.pt -> autoencoder.pt
+    python stage2_decoder.py --run runs/joint --joint   # joint: needs a stage 1 run with no weakening
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from stage1_encoder import (Decoder, Encoder, Progress, UserError, autocast, autoencoder_kwargs,
+                            evaluate_psnr, load_checkpoint, load_data, pick_device, reconstruction_loss,
+                            run_cli, sample_batch, save_checkpoint, save_reconstructions, setup_cuda,
+                            step_generator, to_model_input)
+
+# -----------------------------------------------------------------------------
+# Defaults: the recommended recipe (every one is a flag of main())
+STEPS = 3000
+BATCH_SIZE = 64
+LR = 2e-4
+GAN_WEIGHT = 0.0        # adversarial loss weight (0: off, the default)
+GAN_START = 1000        # steps of pure reconstruction before the discriminator joins
+
+
+# -----------------------------------------------------------------------------
+# A small PatchGAN discriminator with the hinge loss (as in VQGAN, which the paper also modifies)
+
+class PatchDiscriminator(nn.Module):
+    """(N, 3, H, W) image -> (N, 1, h, w) realness logits, one per overlapping patch."""
+    def __init__(self, channels=64):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Conv2d(3, channels, 4, stride=2, padding=1), nn.LeakyReLU(0.2),
+            nn.Conv2d(channels, 2 * channels, 4, stride=2, padding=1, bias=False),
+            nn.GroupNorm(8, 2 * channels), nn.LeakyReLU(0.2),
+            nn.Conv2d(2 * channels, 1, 4, stride=1, padding=1))
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+def hinge_d_loss(logits_real, logits_fake):
+    return F.relu(1 - logits_real).mean() + F.relu(1 + logits_fake).mean()
+
+
+def adaptive_gan_weight(rec_loss, gan_loss, last_layer_weight):
+    """VQGAN's balance: scale the GAN gradient to the size of the reconstruction gradient at the last layer."""
+    rec_grad = torch.autograd.grad(rec_loss, last_layer_weight, retain_graph=True)[0]
+    gan_grad = torch.autograd.grad(gan_loss, last_layer_weight, retain_graph=True)[0]
+    return (rec_grad.norm() / (gan_grad.norm() + 1e-4)).clamp(0, 1e4).detach()
+
+
+# -----------------------------------------------------------------------------
+# Latent statistics: what the diffusion model needs to standardise the latent
+
+@torch.no_grad()
+def latent_statistics(encoder, data, device, batch_size=500):
+    """Per-channel mean and std of the latents over a dataset, and SD's scale factor 1 / std."""
+    encoder.eval()
+    total, total_sq, count = 0.0, 0.0, 0
+    for i in tqdm(range(0, len(data.images), batch_size), desc="latent statistics", leave=False):
+        with autocast(device):
+            z = encoder(to_model_input(data.images[i:i + batch_size]).to(device)).double()
+        total = total + z.sum((0, 2, 3))
+        total_sq = total_sq + z.pow(2).sum((0, 2, 3))
+        count += z.shape[0] * z.shape[2] * z.shape[3]
+    mean = total / count
+    std = (total_sq / count - mean.pow(2)).clamp_min(1e-12).sqrt()
+    overall_std = (total_sq.sum() / (count * len(mean)) - (total.sum() / (count * len(mean))) ** 2).sqrt()
+    return {"mean": mean.float().cpu(), "std": std.float().cpu(), "scale_factor": float(1 / overall_std)}
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+def train(args):
+    device = pick_device(args.device)
+    setup_cuda(device)
+    run = Path(args.run)
+    stage1_path = (run / "stage1.pt").resolve()
+    ckpt_path, log_path = run / "autoencoder.pt", run / "log_stage2.jsonl"
+    stage1 = load_checkpoint(stage1_path, stage=1)
+
+    if args.resume:
+        ckpt = load_checkpoint(ckpt_path, stage=2)
+        config = ckpt["config"]
+    else:
+        config = dict(stage1["config"], stage2_lr=args.lr, stage2_batch_size=args.batch_size,
+                      stage2_seed=args.seed, joint=args.joint, gan_weight=args.gan_weight,
+                      gan_start=args.gan_start, stage1_steps=stage1["step"])
+    joint = config["joint"]
+    if joint and (config["aux_dropout"] != 0 or config["aux_width"] != 1):
+        raise UserError(f"--joint continues an unweakened stage 1, but {stage1_path} was trained with "
+                        f"--aux-dropout {config['aux_dropout']} --aux-width {config['aux_width']}; "
+                        f"rerun stage 1 with --aux-dropout 0 --aux-width 1")
+    train_data = load_data(config["data"], config["data_dir"], "train", config["image_size"])
+    test_data = load_data(config["data"], config["data_dir"], "test", config["image_size"])
+
+    torch.manual_seed(config["stage2_seed"])
+    encoder = Encoder(**autoencoder_kwargs(config)).to(device)
+    encoder.load_state_dict(stage1["encoder"])
+    if joint:   # the baseline: the same encoder and decoder simply keep training together
+        decoder = Decoder(**autoencoder_kwargs(config)).to(device)
+        decoder.load_state_dict(stage1["aux_decoder"])
+        params = list(encoder.parameters()) + list(decoder.parameters())
+    else:       # DAE: the encoder is frozen, a fresh full-strength decoder (no dropout, full width) learns
+        encoder.requires_grad_(False)
+        decoder = Decoder(**autoencoder_kwargs(config)).to(device)
+        params = list(decoder.parameters())
+    optimizer = torch.optim.AdamW(params, lr=config["stage2_lr"], weight_decay=0.0, fused=device.type == "cuda")
+    if joint and not args.resume:
+        optimizer.load_state_dict(stage1["optimizer"])   # a true continuation of the joint run
+        for group in optimizer.param_groups:
+            group["lr"] = config["stage2_lr"]
+    use_gan = config["gan_weight"] > 0
+    discriminator = PatchDiscriminator().to(device) if use_gan else None
+    d_optimizer = (torch.optim.AdamW(discriminator.parameters(), lr=config["stage2_lr"], betas=(0.5, 0.9))
+                   if use_gan else None)
+    step = 0
+    if args.resume:
+        encoder.load_state_dict(ckpt["encoder"])
+        decoder.load_state_dict(ckpt["decoder"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if use_gan:
+            discriminator.load_state_dict(ckpt["discriminator"])
+            d_optimizer.load_state_dict(ckpt["d_optimizer"])
+        step = ckpt["step"]
+        print(f"resuming {ckpt_path} at step {step}", file=sys.stderr)
+    else:
+        log_path.unlink(missing_ok=True)
+    encoder.train(joint)   # a frozen encoder stays in eval mode
+    decoder.train()
+    print(f"stage 2 ({'joint baseline' if joint else 'DAE, frozen encoder'}) on {train_data.description}, "
+          f"device {device}, decoder {sum(p.numel() for p in decoder.parameters()) / 1e6:.2f}M params"
+          + (f", GAN weight {config['gan_weight']} from step {config['gan_start']}" if use_gan else ""),
+          file=sys.stderr)
+
+    encode, decode = (torch.compile(encoder), torch.compile(decoder)) if args.compile else (encoder, decoder)
+
+    def checkpoint(metrics, stats=None):
+        save_checkpoint({"stage": 2, "config": config, "encoder": encoder.state_dict(),
+                         "decoder": decoder.state_dict(), "optimizer": optimizer.state_dict(),
+                         "discriminator": discriminator.state_dict() if use_gan else None,
+                         "d_optimizer": d_optimizer.state_dict() if use_gan else None,
+                         "step": step, "latent_stats": stats, "stage1_path": str(stage1_path),
+                         "metrics": metrics}, ckpt_path)
+
+    progress = Progress(log_path, args.steps, step, config["stage2_batch_size"], args.log_every, "stage 2")
+    while step < args.steps:
+        x, _ = sample_batch(train_data, config["stage2_batch_size"], step_generator(config["stage2_seed"], step))
+        x = x.to(device, non_blocking=True)
+        with torch.set_grad_enabled(joint), autocast(device):
+            z = encode(x)   # (N, C, h, w); under no_grad when the encoder is frozen
+        with autocast(device):
+            x_hat = decode(z)
+            rec_loss = reconstruction_loss(x_hat, x, config["loss"])
+        loss, logs = rec_loss, {}
+        if use_gan and step >= config["gan_start"]:
+            with autocast(device):
+                g_loss = -discriminator(x_hat).float().mean()
+            weight = config["gan_weight"] * adaptive_gan_weight(rec_loss, g_loss, decoder.layers[-1].weight)
+            loss = rec_loss + weight * g_loss
+            logs = {"g_loss": g_loss.item(), "gan_weight": weight.item()}
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if use_gan and step >= config["gan_start"]:
+            with autocast(device):
+                d_loss = hinge_d_loss(discriminator(x).float(), discriminator(x_hat.detach()).float())
+            d_optimizer.zero_grad(set_to_none=True)
+            d_loss.backward()
+            d_optimizer.step()
+            logs["d_loss"] = d_loss.item()
+        step += 1
+        progress.update(step, loss=loss.item(), rec_loss=rec_loss.item(), **logs)
+        if step % args.ckpt_every == 0 and step < args.steps:
+            checkpoint({})
+    progress.close()
+
+    stats = latent_statistics(encoder, train_data, device)
+    metrics = {"test_psnr": evaluate_psnr(encoder, decoder, test_data, device),
+               "stage1_test_psnr_aux": stage1["metrics"].get("test_psnr_aux")}
+    save_reconstructions(encoder, decoder, test_data, device, run / "stage2_recon.png")
+    checkpoint(metrics, stats)
+    print(f"wrote {ckpt_path}: test PSNR {metrics['test_psnr']:.2f} dB, latent std per channel "
+          f"{[round(v, 3) for v in stats['std'].tolist()]}, scale factor {stats['scale_factor']:.4f}",
+          file=sys.stderr)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--run", default="runs/shapes", help="run folder: reads stage1.pt, writes autoencoder.pt")
+    p.add_argument("--joint", action="store_true",
+                   help="the baseline: keep training encoder and stage-1 decoder together instead of freezing")
+    p.add_argument("--steps", type=int, default=STEPS, help="total training steps")
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="images per step")
+    p.add_argument("--lr", type=float, default=LR, help="AdamW learning rate")
+    p.add_argument("--gan-weight", type=float, default=GAN_WEIGHT, help="weight of the PatchGAN hinge loss (0: off)")
+    p.add_argument("--gan-start", type=int, default=GAN_START, help="step at which the adversarial loss starts")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to train")
+    p.add_argument("--compile", action="store_true", help="torch.compile the encoder and decoder")
+    p.add_argument("--resume", action="store_true", help="continue from RUN/autoencoder.pt up to --steps")
+    p.add_argument("--log-every", type=int, default=50, help="steps between log lines")
+    p.add_argument("--ckpt-every", type=int, default=1000, help="steps between checkpoints")
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.batch_size < 1 or args.gan_weight < 0:
+        raise UserError("--steps and --batch-size must be positive and --gan-weight not negative")
+    train(args)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,102 @@
+"""Stage 2: the frozen encoder, the joint baseline, PSNR, latent statistics and user mistakes."""
+import json
+
+import pytest
+import torch
+
+import stage1_encoder as s1
+import stage2_decoder as s2
+from conftest import assert_user_error, run_script
+
+TINY = ["--channels", "16", "--batch-size", "16", "--log-every", "10"]
+
+
+@pytest.fixture(scope="module")
+def stage1_runs(shapes_folder, tmp_path_factory):
+    """Two tiny stage-1 runs on a small folder of shapes: a weakened (DAE) one and an unweakened one."""
+    root = tmp_path_factory.mktemp("stage1")
+    common = ["--data", shapes_folder, "--steps", "30", *TINY]
+    run_script("stage1_encoder.py", *common, "--run", root / "dae", "--aux-dropout", "0.3", "--aux-width", "0.5")
+    run_script("stage1_encoder.py", *common, "--run", root / "joint", "--aux-dropout", "0", "--aux-width", "1")
+    return root
+
+
+def copy_run(src, dst):
+    dst.mkdir(parents=True)
+    (dst / "stage1.pt").write_bytes((src / "stage1.pt").read_bytes())
+    return dst
+
+
+def test_dae_freezes_the_encoder_and_the_decoder_learns(stage1_runs, tmp_path):
+    run = copy_run(stage1_runs / "dae", tmp_path / "dae")
+    run_script("stage2_decoder.py", "--run", run, "--steps", "60", "--batch-size", "16", "--log-every", "10",
+               "--lr", "1e-3")
+    before = torch.load(run / "stage1.pt", weights_only=True)
+    after = torch.load(run / "autoencoder.pt", weights_only=True)
+    assert after["stage"] == 2 and not after["config"]["joint"]
+    assert before["encoder"].keys() == after["encoder"].keys()
+    for name, value in before["encoder"].items():
+        assert torch.equal(value, after["encoder"][name]), name   # bit for bit
+    log = [json.loads(line) for line in (run / "log_stage2.jsonl").read_text().splitlines()]
+    assert log[-1]["loss"] < 0.9 * log[0]["loss"]
+    # the decoder is full strength: full width, no dropout
+    decoder = s1.Decoder(**s1.autoencoder_kwargs(after["config"]))
+    decoder.load_state_dict(after["decoder"])
+    assert all(m.p == 0 for m in decoder.modules() if isinstance(m, torch.nn.Dropout))
+    stats = after["latent_stats"]
+    assert stats["mean"].shape == (4,) and stats["std"].shape == (4,) and (stats["std"] > 0).all()
+    assert after["metrics"]["test_psnr"] > 10
+    assert (run / "stage2_recon.png").exists()
+
+
+def test_joint_moves_the_encoder(stage1_runs, tmp_path):
+    run = copy_run(stage1_runs / "joint", tmp_path / "joint")
+    run_script("stage2_decoder.py", "--run", run, "--steps", "10", "--batch-size", "16", "--joint")
+    before = torch.load(run / "stage1.pt", weights_only=True)
+    after = torch.load(run / "autoencoder.pt", weights_only=True)
+    assert after["config"]["joint"]
+    moved = [not torch.equal(v, after["encoder"][k]) for k, v in before["encoder"].items() if v.is_floating_point()]
+    assert all(moved)
+
+
+def test_joint_refuses_a_weakened_stage1(stage1_runs, tmp_path):
+    run = copy_run(stage1_runs / "dae", tmp_path / "dae")
+    result = run_script("stage2_decoder.py", "--run", run, "--steps", "5", "--joint", check=False)
+    assert_user_error(result, "--aux-dropout 0 --aux-width 1")
+    assert not (run / "autoencoder.pt").exists()
+
+
+def test_wrong_or_missing_checkpoint(stage1_runs, tmp_path):
+    assert_user_error(run_script("stage2_decoder.py", "--run", tmp_path, check=False), "does not exist")
+    (tmp_path / "stage1.pt").write_bytes((stage1_runs / "dae" / "stage1.pt").read_bytes())
+    torch.save({"stage": 3, "model": {}}, tmp_path / "stage1.pt")
+    assert_user_error(run_script("stage2_decoder.py", "--run", tmp_path, check=False), "stage-3")
+    (tmp_path / "stage1.pt").write_text("garbage")
+    assert_user_error(run_script("stage2_decoder.py", "--run", tmp_path, check=False), "not a checkpoint")
+
+
+def test_gan_loss_runs_and_resume_continues(stage1_runs, tmp_path):
+    run = copy_run(stage1_runs / "dae", tmp_path / "gan")
+    gan = ["--gan-weight", "0.1", "--gan-start", "5", "--batch-size", "8", "--log-every", "5"]
+    run_script("stage2_decoder.py", "--run", run, "--steps", "10", *gan)
+    run_script("stage2_decoder.py", "--run", run, "--steps", "15", *gan, "--resume")
+    ckpt = torch.load(run / "autoencoder.pt", weights_only=True)
+    assert ckpt["step"] == 15 and ckpt["discriminator"] is not None
+    log = [json.loads(line) for line in (run / "log_stage2.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [5, 10, 15]
+    assert "d_loss" in log[-1] and "d_loss" not in log[0]
+
+
+def test_hinge_and_latent_statistics():
+    assert s2.hinge_d_loss(torch.full((4,), 2.0), torch.full((4,), -2.0)).item() == 0.0
+    assert s2.hinge_d_loss(torch.zeros(4), torch.zeros(4)).item() == 2.0
+
+    class Affine(torch.nn.Module):   # a fake "encoder" whose latent we know: channel c = 3 * c + 2 * pixel
+        def forward(self, x):
+            return torch.cat([3.0 * c + 2 * x[:, :1] for c in range(2)], 1)
+    images = torch.randint(0, 256, (64, 8, 8, 3), dtype=torch.uint8)
+    data = s1.ImageData(images, torch.zeros(64, dtype=torch.long), ["a"], "toy")
+    stats = s2.latent_statistics(Affine(), data, torch.device("cpu"), batch_size=10)
+    x = s1.to_model_input(images)[:, 0]
+    torch.testing.assert_close(stats["mean"], torch.tensor([0.0, 3.0]) + 2 * x.mean(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats["std"], (2 * x.double().std(unbiased=False)).float().repeat(2))
