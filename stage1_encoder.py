@@ -20,6 +20,7 @@ import json
 import math
 import os
 import pickle
+import shutil
 import sys
 import tarfile
 import time
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
@@ -49,8 +50,7 @@ AUX_WIDTH = 1.0         # stage-1 weakening: channel multiplier of the auxiliary
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"
-SHAPES_CLASSES = ("circle", "ring", "triangle", "square", "pentagon",
-                  "star", "cross", "bar", "arrow", "heart")
+SHAPES_CLASSES = ("circle", "ring", "triangle", "square", "pentagon", "star", "cross", "bar", "arrow", "heart")
 SHAPES_SEED = 0
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -66,9 +66,6 @@ def run_cli(main):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
 
 
 # -----------------------------------------------------------------------------
@@ -82,16 +79,16 @@ class ImageData:
     description: str
 
 
-def _md5(path):
-    h = hashlib.md5()
+def file_digest(path, algorithm):
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
 
 
-def download(url, path, md5=None, sha256_prefix=None):
-    """Download url to path (via a temp file), refusing a file whose checksum does not match."""
+def download(url, path, expected_digest, algorithm="md5"):
+    """Download url to path through a temp file; refuse a file whose digest does not start with the expected one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".part")
@@ -100,34 +97,16 @@ def download(url, path, md5=None, sha256_prefix=None):
             total = int(response.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {path.name}") as bar:
                 for chunk in iter(lambda: response.read(1 << 20), b""):
-                    f.write(chunk)
-                    bar.update(len(chunk))
+                    bar.update(f.write(chunk))
+        if not file_digest(tmp, algorithm).startswith(expected_digest):
+            raise UserError(f"the download of {url} has the wrong {algorithm} (expected {expected_digest}): "
+                            f"it is corrupt or truncated; try again")
+        os.replace(tmp, path)
     except (urllib.error.URLError, OSError, TimeoutError) as e:
-        tmp.unlink(missing_ok=True)
         raise UserError(f"could not download {url} ({e}); download it by hand and put it at {path}")
-    check_file(tmp, md5=md5, sha256_prefix=sha256_prefix, final_name=path)
-    os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
-
-
-def check_file(path, md5=None, sha256_prefix=None, final_name=None):
-    """Refuse (and delete, if it is a download in progress) a file with the wrong checksum."""
-    name = final_name or path
-    if md5 is not None and _md5(path) != md5:
-        if final_name is not None:
-            Path(path).unlink()
-        raise UserError(f"{name} has the wrong md5 (expected {md5}): the file is corrupt or "
-                        f"truncated; delete it and download it again")
-    if sha256_prefix is not None:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        if not h.hexdigest().startswith(sha256_prefix):
-            if final_name is not None:
-                Path(path).unlink()
-            raise UserError(f"{name} has the wrong sha256 (expected it to start with "
-                            f"{sha256_prefix}): the file is corrupt; delete it and get it again")
 
 
 def load_cifar10(data_dir, split):
@@ -136,20 +115,20 @@ def load_cifar10(data_dir, split):
     archive = data_dir / "cifar-10-python.tar.gz"
     folder = data_dir / "cifar-10-batches-py"
     if not (folder / "test_batch").exists():
-        if archive.exists():
-            check_file(archive, md5=CIFAR_MD5)
-        else:
-            download(CIFAR_URL, archive, md5=CIFAR_MD5)
-        tmp = data_dir / "cifar-10-extract.tmp"
+        if not archive.exists():
+            download(CIFAR_URL, archive, CIFAR_MD5)
+        elif file_digest(archive, "md5") != CIFAR_MD5:
+            raise UserError(f"{archive} has the wrong md5 (expected {CIFAR_MD5}): it is corrupt or truncated; "
+                            f"delete it and run again to download it")
+        tmp = data_dir / "cifar-10-extract.tmp"   # extract aside, then rename: never half-extracted
         try:
             with tarfile.open(archive, "r:gz") as tar:
                 tar.extractall(tmp, filter="data")
+            os.replace(tmp / "cifar-10-batches-py", folder)
         except (tarfile.TarError, EOFError, OSError) as e:
-            raise UserError(f"{archive} is not a readable CIFAR-10 archive ({e})")
-        if not (tmp / "cifar-10-batches-py" / "test_batch").exists():
-            raise UserError(f"{archive} does not hold cifar-10-batches-py/ as the official archive does")
-        os.replace(tmp / "cifar-10-batches-py", folder)
-        tmp.rmdir()
+            raise UserError(f"{archive} is not a readable CIFAR-10 archive ({e.__class__.__name__})")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def unpickle(name):
         with open(folder / name, "rb") as f:
@@ -164,40 +143,37 @@ def load_cifar10(data_dir, split):
                      classes, f"cifar10/{split}")
 
 
-def _shape_polygons(name):
-    """The outline(s) of a shape class around (0, 0) with radius about 1: [(points, fill), ...]."""
-    def regular(n, r=1.0, phase=0.0):
-        t = phase + np.arange(n) * 2 * np.pi / n
-        return np.stack([r * np.cos(t), r * np.sin(t)], 1)
-    if name == "circle":
-        return [(regular(64), 255)]
-    if name == "ring":
-        return [(regular(64), 255), (regular(64, 0.55), 0)]
-    if name == "triangle":
-        return [(regular(3, phase=-np.pi / 2), 255)]
-    if name == "square":
-        return [(regular(4, phase=np.pi / 4), 255)]
-    if name == "pentagon":
-        return [(regular(5, phase=-np.pi / 2), 255)]
-    if name == "star":
-        pts = regular(10, phase=-np.pi / 2)
-        pts[1::2] *= 0.45
-        return [(pts, 255)]
-    if name == "cross":
-        a, b = 0.3, 1.0
-        return [(np.array([(-a, -b), (a, -b), (a, -a), (b, -a), (b, a), (a, a), (a, b), (-a, b),
-                           (-a, a), (-b, a), (-b, -a), (-a, -a)]), 255)]
-    if name == "bar":
-        return [(np.array([(-1, -0.28), (1, -0.28), (1, 0.28), (-1, 0.28)]), 255)]
-    if name == "arrow":
-        return [(np.array([(-1, -0.22), (0.15, -0.22), (0.15, -0.6), (1, 0), (0.15, 0.6),
-                           (0.15, 0.22), (-1, 0.22)]), 255)]
-    if name == "heart":
-        t = np.linspace(0, 2 * np.pi, 64, endpoint=False)
-        x = 16 * np.sin(t) ** 3
-        y = 13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t)
-        return [(np.stack([x, -y - 2.5], 1) / 16.5, 255)]
-    raise ValueError(name)
+def _regular(n, r=1.0, phase=0.0):
+    t = phase + np.arange(n) * 2 * np.pi / n
+    return np.stack([r * np.cos(t), r * np.sin(t)], 1)
+
+
+def _star():
+    points = _regular(10, phase=-np.pi / 2)
+    points[1::2] *= 0.45
+    return points
+
+
+def _heart():
+    t = np.linspace(0, 2 * np.pi, 64, endpoint=False)
+    x, y = 16 * np.sin(t) ** 3, 13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t)
+    return np.stack([x, -y - 2.5], 1) / 16.5
+
+
+# Each class: polygons around (0, 0) with radius about 1, drawn in order with (points, fill 255 or 0 = hole).
+SHAPE_POLYGONS = {
+    "circle": [(_regular(64), 255)],
+    "ring": [(_regular(64), 255), (_regular(64, 0.55), 0)],
+    "triangle": [(_regular(3, phase=-np.pi / 2), 255)],
+    "square": [(_regular(4, phase=np.pi / 4), 255)],
+    "pentagon": [(_regular(5, phase=-np.pi / 2), 255)],
+    "star": [(_star(), 255)],
+    "cross": [(np.array([(-.3, -1), (.3, -1), (.3, -.3), (1, -.3), (1, .3), (.3, .3), (.3, 1), (-.3, 1),
+                         (-.3, .3), (-1, .3), (-1, -.3), (-.3, -.3)]), 255)],
+    "bar": [(np.array([(-1, -.28), (1, -.28), (1, .28), (-1, .28)]), 255)],
+    "arrow": [(np.array([(-1, -.22), (.15, -.22), (.15, -.6), (1, 0), (.15, .6), (.15, .22), (-1, .22)]), 255)],
+    "heart": [(_heart(), 255)],
+}
 
 
 def make_shapes(n, seed, size=32, supersample=4):
@@ -205,7 +181,6 @@ def make_shapes(n, seed, size=32, supersample=4):
     rng = np.random.default_rng(seed)
     labels = rng.permutation(np.arange(n) % len(SHAPES_CLASSES))
     big = size * supersample
-    polygons = [_shape_polygons(c) for c in SHAPES_CLASSES]
     # Per image: radius, centre, rotation, foreground colour and a two-colour gradient background.
     radius = rng.uniform(0.3, 0.48, n) * big
     centre = rng.uniform(0, 1, (n, 2)) * (big - 2 * radius[:, None]) + radius[:, None]
@@ -226,7 +201,7 @@ def make_shapes(n, seed, size=32, supersample=4):
         draw = ImageDraw.Draw(mask)
         c, s = np.cos(angle[i]), np.sin(angle[i])
         rotation = np.array([[c, -s], [s, c]])
-        for points, fill in polygons[labels[i]]:
+        for points, fill in SHAPE_POLYGONS[SHAPES_CLASSES[labels[i]]]:
             xy = points @ rotation.T * radius[i] + centre[i]
             draw.polygon([tuple(p) for p in xy], fill=fill)
         alpha = np.asarray(mask.resize((size, size), Image.Resampling.BOX), np.float32)[..., None] / 255
@@ -257,12 +232,8 @@ def load_image_file(path, image_size):
     """One image, centre-cropped to a square and resized: (H, W, 3) uint8."""
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
-            w, h = im.size
-            side = min(w, h)
-            im = im.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
-            im = im.resize((image_size, image_size), Image.Resampling.BICUBIC)
-            return np.asarray(im, np.uint8)
+            square = ImageOps.fit(im.convert("RGB"), (image_size, image_size), Image.Resampling.BICUBIC)
+            return np.asarray(square, np.uint8)
     except (OSError, UnidentifiedImageError, ValueError) as e:
         raise UserError(f"cannot read the image {path} ({e.__class__.__name__}); remove or replace it")
 
@@ -346,9 +317,8 @@ class Encoder(nn.Module):
     def __init__(self, channels=CHANNELS, ch_mult=CH_MULT, latent_channels=LATENT_CHANNELS, num_res_blocks=1):
         super().__init__()
         widths = [channels * m for m in ch_mult]
-        layers = [nn.Conv2d(3, widths[0], 3, padding=1)]
+        layers, in_ch = [nn.Conv2d(3, widths[0], 3, padding=1)], widths[0]
         for level, width in enumerate(widths):
-            in_ch = widths[max(level - 1, 0)]
             if level > 0:
                 layers.append(nn.Conv2d(in_ch, in_ch, 3, stride=2, padding=1))  # downsample x2
             for _ in range(num_res_blocks):
@@ -369,8 +339,8 @@ class Decoder(nn.Module):
         super().__init__()
         widths = [max(8, int(round(channels * m * width / 8)) * 8) for m in ch_mult][::-1]  # deepest first
         layers = [nn.Conv2d(latent_channels, widths[0], 3, padding=1), ResBlock(widths[0], widths[0], dropout)]
+        in_ch = widths[0]
         for level, out_ch in enumerate(widths):
-            in_ch = widths[max(level - 1, 0)]
             if level > 0:
                 layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(in_ch, in_ch, 3, padding=1)]
             for _ in range(num_res_blocks):
@@ -393,22 +363,18 @@ def autoencoder_kwargs(config):
 # Helpers shared by every stage: device, autocast, checkpoints, logs, pictures, metrics
 
 def pick_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """`auto` takes the GPU when there is one; on CUDA, float32 matmuls and convs may use TF32."""
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for, but PyTorch sees no CUDA GPU; use --device cpu")
-    return torch.device(name)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return device
 
 
 def autocast(device):
     """bf16 autocast on CUDA, plain float32 on the CPU."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
-
-def setup_cuda(device):
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
 
 
 def save_checkpoint(obj, path):
@@ -443,11 +409,6 @@ def load_checkpoint(path, stage):
     return ckpt
 
 
-def append_log(path, record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
 class Progress:
     """A tqdm bar plus the JSONL log: metrics are averaged over each window of `log_every` steps."""
     def __init__(self, log_path, total, initial, images_per_step, log_every, desc):
@@ -457,14 +418,15 @@ class Progress:
 
     def update(self, step, **metrics):
         """Record one finished step; write a log line every log_every steps and at the last one."""
-        for k, v in metrics.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+        for k, v in metrics.items():   # tensors stay on their device until a log line: no sync per step
+            self.sums[k] = self.sums.get(k, 0.0) + (v.detach().float() if torch.is_tensor(v) else v)
         self.count += 1
         self.bar.update(1)
         if step % self.log_every == 0 or step == self.bar.total:
-            record = {"step": step, **{k: v / self.count for k, v in self.sums.items()},
+            record = {"step": step, **{k: float(v) / self.count for k, v in self.sums.items()},
                       "images_per_s": self.count * self.images_per_step / (time.time() - self.t0)}
-            append_log(self.log_path, record)
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
             self.sums, self.count, self.t0 = {}, 0, time.time()
 
@@ -494,30 +456,18 @@ def psnr(x_hat, x):
 
 
 @torch.no_grad()
-def evaluate_psnr(encoder, decoder, data, device, num=2000, batch_size=250):
-    """Mean reconstruction PSNR over the first `num` images of data (models in eval mode)."""
-    was_training = encoder.training, decoder.training
+def evaluate_reconstruction(encoder, decoder, data, device, png_path, num=2000, batch_size=250):
+    """Mean PSNR over the first `num` test images; writes a PNG of inputs above their reconstructions."""
     encoder.eval(), decoder.eval()
     values = []
     for i in range(0, min(num, len(data.images)), batch_size):
         x = to_model_input(data.images[i:i + batch_size]).to(device)
         with autocast(device):
-            x_hat = decoder(encoder(x))
-        values.append(psnr(x_hat.clamp(-1, 1), x).cpu())
-    encoder.train(was_training[0]), decoder.train(was_training[1])
+            x_hat = decoder(encoder(x)).float().clamp(-1, 1)
+        values.append(psnr(x_hat, x).cpu())
+        if i == 0:
+            save_grid(torch.cat([data.images[:10], to_uint8_images(x_hat[:10])]), png_path, nrow=min(10, len(x)))
     return torch.cat(values).mean().item()
-
-
-@torch.no_grad()
-def save_reconstructions(encoder, decoder, data, device, path, num=10):
-    """A PNG with test inputs in the top row and their reconstructions below."""
-    was_training = encoder.training, decoder.training
-    encoder.eval(), decoder.eval()
-    x = to_model_input(data.images[:num]).to(device)
-    with autocast(device):
-        x_hat = decoder(encoder(x))
-    save_grid(torch.cat([data.images[:num], to_uint8_images(x_hat)]), path, nrow=num)
-    encoder.train(was_training[0]), decoder.train(was_training[1])
 
 
 def reconstruction_loss(x_hat, x, kind):
@@ -534,7 +484,6 @@ def step_generator(seed, step):
 
 def train(args):
     device = pick_device(args.device)
-    setup_cuda(device)
     run = Path(args.run)
     run.mkdir(parents=True, exist_ok=True)
     ckpt_path, log_path = run / "stage1.pt", run / "log_stage1.jsonl"
@@ -582,9 +531,7 @@ def train(args):
         save_checkpoint({"stage": 1, "config": config, "encoder": encoder.state_dict(),
                          "aux_decoder": aux_decoder.state_dict(), "optimizer": optimizer.state_dict(),
                          "step": step, "rng_state": torch.get_rng_state(), "metrics": metrics,
-                         "data": {"description": train_data.description, "num_train": len(train_data.images),
-                                  "image_shape": list(train_data.images.shape[1:]),
-                                  "class_names": train_data.class_names}}, ckpt_path)
+                         "data": train_data.description, "class_names": train_data.class_names}, ckpt_path)
 
     encoder.train(), aux_decoder.train()
     progress = Progress(log_path, args.steps, step, config["batch_size"], args.log_every, "stage 1")
@@ -597,13 +544,13 @@ def train(args):
         loss.backward()
         optimizer.step()
         step += 1
-        progress.update(step, loss=loss.item())
+        progress.update(step, loss=loss)
         if step % args.ckpt_every == 0 and step < args.steps:
             checkpoint({})
     progress.close()
 
-    metrics = {"test_psnr_aux": evaluate_psnr(encoder, aux_decoder, test_data, device)}
-    save_reconstructions(encoder, aux_decoder, test_data, device, run / "stage1_recon.png")
+    metrics = {"test_psnr_aux": evaluate_reconstruction(encoder, aux_decoder, test_data, device,
+                                                        run / "stage1_recon.png")}
     checkpoint(metrics)
     print(f"wrote {ckpt_path}: test PSNR with the auxiliary decoder {metrics['test_psnr_aux']:.2f} dB",
           file=sys.stderr)

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from stage1_encoder import (Decoder, Encoder, Progress, UserError, autocast, autoencoder_kwargs,
-                            evaluate_psnr, load_checkpoint, load_data, pick_device, reconstruction_loss,
-                            run_cli, sample_batch, save_checkpoint, save_reconstructions, setup_cuda,
+                            evaluate_reconstruction, load_checkpoint, load_data, pick_device, reconstruction_loss,
+                            run_cli, sample_batch, save_checkpoint,
                             step_generator, to_model_input)
 
 # -----------------------------------------------------------------------------
@@ -91,7 +91,6 @@ def latent_statistics(encoder, data, device, batch_size=500):
 
 def train(args):
     device = pick_device(args.device)
-    setup_cuda(device)
     run = Path(args.run)
     stage1_path = (run / "stage1.pt").resolve()
     ckpt_path, log_path = run / "autoencoder.pt", run / "log_stage2.jsonl"
@@ -176,7 +175,7 @@ def train(args):
                 g_loss = -discriminator(x_hat).float().mean()
             weight = config["gan_weight"] * adaptive_gan_weight(rec_loss, g_loss, decoder.layers[-1].weight)
             loss = rec_loss + weight * g_loss
-            logs = {"g_loss": g_loss.item(), "gan_weight": weight.item()}
+            logs = {"g_loss": g_loss, "gan_weight": weight}
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -186,17 +185,16 @@ def train(args):
             d_optimizer.zero_grad(set_to_none=True)
             d_loss.backward()
             d_optimizer.step()
-            logs["d_loss"] = d_loss.item()
+            logs["d_loss"] = d_loss
         step += 1
-        progress.update(step, loss=loss.item(), rec_loss=rec_loss.item(), **logs)
+        progress.update(step, loss=loss, rec_loss=rec_loss, **logs)
         if step % args.ckpt_every == 0 and step < args.steps:
             checkpoint({})
     progress.close()
 
     stats = latent_statistics(encoder, train_data, device)
-    metrics = {"test_psnr": evaluate_psnr(encoder, decoder, test_data, device),
+    metrics = {"test_psnr": evaluate_reconstruction(encoder, decoder, test_data, device, run / "stage2_recon.png"),
                "stage1_test_psnr_aux": stage1["metrics"].get("test_psnr_aux")}
-    save_reconstructions(encoder, decoder, test_data, device, run / "stage2_recon.png")
     checkpoint(metrics, stats)
     print(f"wrote {ckpt_path}: test PSNR {metrics['test_psnr']:.2f} dB, latent std per channel "
           f"{[round(v, 3) for v in stats['std'].tolist()]}, scale factor {stats['scale_factor']:.4f}",
