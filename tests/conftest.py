@@ -51,3 +51,21 @@ def shapes_folder(tmp_path_factory):
         path.parent.mkdir(exist_ok=True)
         Image.fromarray(image).save(path)
     return folder
+
+
+@pytest.fixture(scope="session")
+def autoencoder_run(shapes_folder, tmp_path_factory):
+    """A tiny DAE (stage 1 + stage 2) on the small shapes folder: a run folder with autoencoder.pt."""
+    run = tmp_path_factory.mktemp("ae_run")
+    run_script("stage1_encoder.py", "--data", shapes_folder, "--run", run, "--steps", "20", "--channels", "16",
+               "--batch-size", "16")
+    run_script("stage2_decoder.py", "--run", run, "--steps", "20", "--batch-size", "16")
+    return run
+
+
+def copy_run(src, dst, *names):
+    """A fresh run folder holding copies of some files of another one."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (dst / name).write_bytes((src / name).read_bytes())
+    return dst

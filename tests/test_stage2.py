@@ -6,7 +6,7 @@ import torch
 
 import stage1_encoder as s1
 import stage2_decoder as s2
-from conftest import assert_user_error, run_script
+from conftest import assert_user_error, copy_run, run_script
 
 TINY = ["--channels", "16", "--batch-size", "16", "--log-every", "10"]
 
@@ -21,14 +21,8 @@ def stage1_runs(shapes_folder, tmp_path_factory):
     return root
 
 
-def copy_run(src, dst):
-    dst.mkdir(parents=True)
-    (dst / "stage1.pt").write_bytes((src / "stage1.pt").read_bytes())
-    return dst
-
-
 def test_dae_freezes_the_encoder_and_the_decoder_learns(stage1_runs, tmp_path):
-    run = copy_run(stage1_runs / "dae", tmp_path / "dae")
+    run = copy_run(stage1_runs / "dae", tmp_path / "dae", "stage1.pt")
     run_script("stage2_decoder.py", "--run", run, "--steps", "60", "--batch-size", "16", "--log-every", "10",
                "--lr", "1e-3")
     before = torch.load(run / "stage1.pt", weights_only=True)
@@ -50,7 +44,7 @@ def test_dae_freezes_the_encoder_and_the_decoder_learns(stage1_runs, tmp_path):
 
 
 def test_joint_moves_the_encoder(stage1_runs, tmp_path):
-    run = copy_run(stage1_runs / "joint", tmp_path / "joint")
+    run = copy_run(stage1_runs / "joint", tmp_path / "joint", "stage1.pt")
     run_script("stage2_decoder.py", "--run", run, "--steps", "10", "--batch-size", "16", "--joint")
     before = torch.load(run / "stage1.pt", weights_only=True)
     after = torch.load(run / "autoencoder.pt", weights_only=True)
@@ -60,7 +54,7 @@ def test_joint_moves_the_encoder(stage1_runs, tmp_path):
 
 
 def test_joint_refuses_a_weakened_stage1(stage1_runs, tmp_path):
-    run = copy_run(stage1_runs / "dae", tmp_path / "dae")
+    run = copy_run(stage1_runs / "dae", tmp_path / "dae", "stage1.pt")
     result = run_script("stage2_decoder.py", "--run", run, "--steps", "5", "--joint", check=False)
     assert_user_error(result, "--aux-dropout 0 --aux-width 1")
     assert not (run / "autoencoder.pt").exists()
@@ -76,7 +70,7 @@ def test_wrong_or_missing_checkpoint(stage1_runs, tmp_path):
 
 
 def test_gan_loss_runs_and_resume_continues(stage1_runs, tmp_path):
-    run = copy_run(stage1_runs / "dae", tmp_path / "gan")
+    run = copy_run(stage1_runs / "dae", tmp_path / "gan", "stage1.pt")
     gan = ["--gan-weight", "0.1", "--gan-start", "5", "--batch-size", "8", "--log-every", "5"]
     run_script("stage2_decoder.py", "--run", run, "--steps", "10", *gan)
     run_script("stage2_decoder.py", "--run", run, "--steps", "15", *gan, "--resume")

@@ -1,0 +1,168 @@
+"""The latent DiT: shapes, attention, adaLN-Zero, diffusion arithmetic, training, resume and DDP."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train_latent_dit as dit
+from conftest import ROOT, copy_run, run_script
+
+TINY = ["--model", "DiT-T", "--patch", "2", "--batch-size", "16", "--log-every", "10", "--warmup", "1",
+        "--lr", "1e-3"]
+
+
+def small_dit(**kw):
+    return dit.DiT(input_size=8, in_channels=4, patch=2, hidden=64, depth=2, heads=4, num_classes=10, **kw)
+
+
+@pytest.mark.parametrize("model", list(dit.DIT_SIZES))
+@pytest.mark.parametrize("patch", [1, 2, 4])
+def test_output_shapes(model, patch):
+    config = dict(model=model, patch=patch, input_size=8, in_channels=4, num_classes=10, attn="sdpa")
+    net = dit.build_dit(config)
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([0, 999]), torch.tensor([3, 10])  # 10: the null label
+    assert net(x, t, y).shape == (2, 4, 8, 8)
+    depth, hidden, _ = dit.DIT_SIZES[model]
+    assert len(net.blocks) == depth and net.pos_embed.shape == (1, (8 // patch) ** 2, hidden)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+def test_manual_attention_equals_sdpa(dtype, tol):
+    torch.manual_seed(0)
+    sdpa = dit.Attention(64, 4, "sdpa").to(dtype)
+    manual = dit.Attention(64, 4, "manual").to(dtype)
+    manual.load_state_dict(sdpa.state_dict())
+    x = torch.randn(3, 17, 64, dtype=dtype, requires_grad=True)
+    out_s, out_m = sdpa(x), manual(x)
+    torch.testing.assert_close(out_m, out_s, rtol=0, atol=tol)
+    grad = torch.randn_like(out_s)
+    (gx_s, gw_s), (gx_m, gw_m) = (torch.autograd.grad(o, (x, m.qkv.weight), grad) for o, m in
+                                  ((out_s, sdpa), (out_m, manual)))
+    torch.testing.assert_close(gx_m, gx_s, rtol=0, atol=tol)
+    torch.testing.assert_close(gw_m, gw_s, rtol=0, atol=tol * 10)
+
+
+def test_adaln_zero_starts_as_identity_and_predicts_zero():
+    net = small_dit()
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([5, 500]), torch.tensor([1, 2])
+    assert torch.equal(net(x, t, y), torch.zeros_like(x))
+    tokens, c = torch.randn(2, 16, 64), torch.randn(2, 64)
+    for block in net.blocks:
+        assert torch.equal(block(tokens, c), tokens)
+
+
+def test_pos_embed_is_the_2d_sincos():
+    pe = dit.pos_embed_2d(8, 3)   # 8 channels: 4 for the row, 4 for the column
+    assert pe.shape == (9, 8)
+    row, col = 1, 2
+    expected_row = torch.tensor([torch.sin(torch.tensor(row * w)) for w in (1.0, 0.01)] +
+                                [torch.cos(torch.tensor(row * w)) for w in (1.0, 0.01)])
+    torch.testing.assert_close(pe[row * 3 + col, :4], expected_row)
+    assert torch.equal(pe[0 * 3 + col, 4:], pe[2 * 3 + col, 4:])   # same column, same column half
+
+
+def test_q_sample_closed_form():
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    alphas_cumprod = dit.make_schedule()
+    t = torch.tensor([0, 10, 500, 999])
+    expected_abar = torch.stack([torch.prod(1 - betas[: int(s) + 1]) for s in t])
+    torch.testing.assert_close(alphas_cumprod[t], expected_abar)
+    x0, noise = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8)
+    xt = dit.q_sample(x0, t, noise, alphas_cumprod)
+    a = expected_abar.float()[:, None, None, None]
+    torch.testing.assert_close(xt, a.sqrt() * x0 + (1 - a).sqrt() * noise)
+    assert 0.99 < alphas_cumprod[0] and alphas_cumprod[-1] < 1e-4   # almost clean .. almost pure noise
+
+
+def test_label_dropout_rate():
+    labels = torch.randint(0, 10, (200_000,))
+    dropped = dit.drop_labels(labels, 10, 0.1, torch.Generator().manual_seed(0))
+    rate = (dropped == 10).float().mean().item()
+    assert abs(rate - 0.1) < 0.003
+    assert torch.equal(dropped[dropped != 10], labels[dropped != 10])
+
+
+def test_ema_arithmetic():
+    model, ema = torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False)
+    model.weight.data.fill_(3.0)
+    ema.weight.data.fill_(1.0)
+    dit.update_ema(ema, model, 0.9)
+    assert ema.weight.item() == pytest.approx(0.9 * 1 + 0.1 * 3)
+    dit.update_ema(ema, model, 0.0)
+    assert ema.weight.item() == 3.0
+
+
+def test_loss_falls_on_tiny_random_latents():
+    torch.manual_seed(0)
+    net = small_dit()
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    latents = torch.randn(10, 4, 8, 8)   # one fixed latent per class: the model can learn to denoise it
+    alphas_cumprod = dit.make_schedule()
+    losses = []
+    for step in range(80):
+        y = torch.randint(0, 10, (32,))
+        t, noise = torch.randint(0, 1000, (32,)), torch.randn(32, 4, 8, 8)
+        loss = F.mse_loss(net(dit.q_sample(latents[y], t, noise, alphas_cumprod), t, y), noise)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert sum(losses[-10:]) / 10 < 0.6 * sum(losses[:10]) / 10
+
+
+def test_flop_count():
+    config = dict(model="DiT-S", patch=2, input_size=8, in_channels=4)
+    d, T = 384, 16
+    per_block = 24 * T * d * d + 4 * T * T * d + 12 * d * d
+    assert dit.dit_flops_per_image(config) == 12 * per_block + 4 * T * d * 4 * 4
+
+
+def read_log(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_train_resume_reproduces_the_loss_curve(autoencoder_run, tmp_path):
+    a = copy_run(autoencoder_run, tmp_path / "a", "autoencoder.pt")
+    b = copy_run(autoencoder_run, tmp_path / "b", "autoencoder.pt")
+    run_script("train_latent_dit.py", "--run", a, "--steps", "40", *TINY)
+    run_script("train_latent_dit.py", "--run", b, "--steps", "20", *TINY)
+    cache_time = (b / "latents.pt").stat().st_mtime_ns
+    run_script("train_latent_dit.py", "--run", b, "--steps", "40", *TINY, "--resume")
+    assert (b / "latents.pt").stat().st_mtime_ns == cache_time   # the latent cache was reused
+    log_a, log_b = read_log(a / "log_dit.jsonl"), read_log(b / "log_dit.jsonl")
+    assert [r["step"] for r in log_b] == [10, 20, 30, 40]
+    for ra, rb in zip(log_a, log_b):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5)
+    assert log_a[-1]["loss"] < log_a[0]["loss"]
+    ckpt = torch.load(a / "dit.pt", weights_only=True)
+    assert ckpt["stage"] == 3 and ckpt["step"] == 40 and ckpt["config"]["model"] == "DiT-T"
+    assert set(ckpt["ema"]) == set(ckpt["model"])
+    cache = torch.load(a / "latents.pt", weights_only=True)
+    n = len(cache["labels"]) // 2
+    assert cache["latents"].shape == (2 * n, 4, 8, 8)   # the images and their flips
+    assert abs(cache["latents"].mean().item()) < 0.1 and abs(cache["latents"].std().item() - 1) < 0.1
+    assert (a / "dit_samples.png").exists()
+
+
+def test_two_process_gloo_run(autoencoder_run, tmp_path):
+    run = copy_run(autoencoder_run, tmp_path / "ddp", "autoencoder.pt")
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(ROOT / "train_latent_dit.py"), "--", "--run", str(run), "--steps", "6", *TINY],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert torch.load(run / "dit.pt", weights_only=True)["step"] == 6
+    assert sorted(p.name for p in run.iterdir() if p.suffix == ".pt") == ["autoencoder.pt", "dit.pt", "latents.pt"]
+    assert len(read_log(run / "log_dit.jsonl")) == 1   # one writer: rank 0
+
+
+def test_wrong_checkpoint_and_bad_patch(autoencoder_run, tmp_path):
+    result = run_script("train_latent_dit.py", "--run", tmp_path, check=False)
+    assert result.returncode == 1 and "stage2_decoder.py" in result.stderr and "Traceback" not in result.stderr
+    run = copy_run(autoencoder_run, tmp_path / "r", "autoencoder.pt")
+    result = run_script("train_latent_dit.py", "--run", run, "--patch", "3", "--steps", "1", check=False)
+    assert result.returncode == 1 and "--patch 3" in result.stderr and "Traceback" not in result.stderr

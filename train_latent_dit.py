@@ -1,0 +1,518 @@
+"""
+Train a compact class-conditional Diffusion Transformer (DiT) on the latents of a stage-2 autoencoder.
+
+This is the generative model whose quality the paper's latent is meant to improve: for the same
+DiT, a latent that is "closer" to the data (DAE) should give better samples than the latent of a
+jointly trained autoencoder. The latents are encoded once with the frozen encoder, standardised
+with the stored per-channel statistics, and cached in the run folder.
+
+Also here: the 1000-step noise schedule and the DDPM / DDIM update rules that sample.py uses.
+
+    python train_latent_dit.py --run runs/shapes                 # runs/shapes/autoencoder.pt -> dit.pt
+    torchrun --nproc_per_node=4 train_latent_dit.py -- --run DIR # DistributedDataParallel
+    python train_latent_dit.py --run runs/shapes --benchmark     # images/s: sdpa vs manual, compile on/off
+"""
+import argparse
+import copy
+import hashlib
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from stage1_encoder import (Decoder, Encoder, Progress, UserError, autocast, autoencoder_kwargs, load_checkpoint,
+                            load_data, pick_device, run_cli, save_checkpoint, save_grid, to_model_input,
+                            to_uint8_images)
+
+# -----------------------------------------------------------------------------
+# Defaults: the recommended recipe (every one is a flag of main())
+MODEL = "DiT-S"
+PATCH = 1               # an 8x8 latent with patch 1 is 64 tokens
+STEPS = 20000
+BATCH_SIZE = 256
+LR = 3e-4
+WARMUP = 500            # steps of linear learning-rate warm-up
+GRAD_CLIP = 1.0
+EMA_DECAY = 0.9999
+CLASS_DROPOUT = 0.1     # labels replaced by the null label, for classifier-free guidance
+NUM_TIMESTEPS = 1000
+
+DIT_SIZES = {           # depth, hidden size, heads
+    "DiT-T": (6, 192, 3),
+    "DiT-S": (12, 384, 6),
+    "DiT-B": (12, 768, 12),
+}
+
+
+# -----------------------------------------------------------------------------
+# Embedding layers: timesteps, labels and fixed 2-D sin-cos positions
+
+def sinusoid(values, dim, max_period=10000):
+    """(N,) numbers -> (N, dim) sin-cos features at geometrically spaced frequencies."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=values.device) / half)
+    args = values.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def pos_embed_2d(dim, grid_size):
+    """(grid_size^2, dim) fixed positions: half the channels encode the row, half the column."""
+    coords = torch.arange(grid_size, dtype=torch.float32)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
+    half = dim // 2
+    omega = 1.0 / 10000 ** (torch.arange(half // 2, dtype=torch.float32) / (half / 2))
+    def embed(pos):  # (T,) -> (T, half)
+        out = pos.flatten()[:, None] * omega[None]
+        return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
+    return torch.cat([embed(rows), embed(cols)], dim=1)
+
+
+class TimestepEmbedder(nn.Module):
+    """(N,) diffusion steps -> (N, D): sinusoid features through a small MLP."""
+    def __init__(self, hidden, freq_dim=256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+    def forward(self, t):
+        return self.mlp(sinusoid(t, self.freq_dim))
+
+
+def drop_labels(labels, num_classes, p, generator):
+    """Classifier-free guidance training: replace each label by the null label (num_classes) with probability p."""
+    drop = torch.rand(labels.shape, generator=generator) < p
+    return torch.where(drop, torch.full_like(labels, num_classes), labels)
+
+
+# -----------------------------------------------------------------------------
+# The transformer: hand-written attention, adaLN-Zero blocks
+
+class Attention(nn.Module):
+    """Multi-head self-attention: softmax(q k^T / sqrt(d)) v, or the same through PyTorch's fused SDPA kernel."""
+    def __init__(self, dim, heads, impl="sdpa"):
+        super().__init__()
+        self.heads, self.impl = heads, impl
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        N, T, D = x.shape
+        q, k, v = self.qkv(x).reshape(N, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3x (N, H, T, d)
+        if self.impl == "sdpa":   # flash / memory-efficient kernels on GPU, same math
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:                     # the math written out; torch.compile fuses it
+            scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])   # (N, H, T, T)
+            out = scores.softmax(dim=-1) @ v                            # (N, H, T, d)
+        return self.proj(out.transpose(1, 2).reshape(N, T, D))
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class DiTBlock(nn.Module):
+    """Attention and MLP, each scaled, shifted and gated by the conditioning (adaLN-Zero)."""
+    def __init__(self, hidden, heads, attn="sdpa", mlp_ratio=4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden, heads, attn)
+        self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(hidden, int(hidden * mlp_ratio)), nn.GELU(approximate="tanh"),
+                                 nn.Linear(int(hidden * mlp_ratio), hidden))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
+
+    def forward(self, x, c):  # x: (N, T, D), c: (N, D)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa[:, None] * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_mlp[:, None] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class FinalLayer(nn.Module):
+    """adaLN then a linear map from each token to its patch of noise prediction."""
+    def __init__(self, hidden, patch, out_channels):
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden, patch * patch * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+class DiT(nn.Module):
+    """(N, C, H, W) noisy latent, (N,) step, (N,) label -> (N, C, H, W) predicted noise."""
+    def __init__(self, input_size=8, in_channels=4, patch=PATCH, hidden=384, depth=12, heads=6,
+                 num_classes=10, attn="sdpa"):
+        super().__init__()
+        self.in_channels, self.patch, self.num_classes = in_channels, patch, num_classes
+        self.grid = input_size // patch
+        self.x_embedder = nn.Conv2d(in_channels, hidden, kernel_size=patch, stride=patch)   # patchify
+        self.register_buffer("pos_embed", pos_embed_2d(hidden, self.grid)[None], persistent=False)
+        self.t_embedder = TimestepEmbedder(hidden)
+        self.y_embedder = nn.Embedding(num_classes + 1, hidden)   # the last row is the null label
+        self.blocks = nn.ModuleList([DiTBlock(hidden, heads, attn) for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden, patch, in_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        w = self.x_embedder.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.bias)
+        nn.init.normal_(self.y_embedder.weight, std=0.02)
+        for layer in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
+            nn.init.normal_(layer.weight, std=0.02)
+        # adaLN-Zero: every block starts as the identity, and the model starts by predicting zero noise.
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def unpatchify(self, x):
+        """(N, T, p*p*C) -> (N, C, H, W)."""
+        N, p, g, C = x.shape[0], self.patch, self.grid, self.in_channels
+        x = x.reshape(N, g, g, p, p, C)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(N, C, g * p, g * p)
+
+    def forward(self, x, t, y):
+        x = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed   # (N, T, D)
+        c = self.t_embedder(t) + self.y_embedder(y)                          # (N, D)
+        for block in self.blocks:
+            x = block(x, c)                                                  # (N, T, D)
+        return self.unpatchify(self.final_layer(x, c))                       # (N, C, H, W)
+
+
+def build_dit(config):
+    depth, hidden, heads = DIT_SIZES[config["model"]]
+    return DiT(config["input_size"], config["in_channels"], config["patch"], hidden, depth, heads,
+               config["num_classes"], config["attn"])
+
+
+def dit_flops_per_image(config):
+    """Forward FLOPs of one image (matmuls only: 2 per multiply-add); training is about 3x this."""
+    depth, d, _ = DIT_SIZES[config["model"]]
+    tokens = (config["input_size"] // config["patch"]) ** 2
+    per_block = 2 * tokens * 12 * d * d + 2 * 2 * tokens * tokens * d + 2 * d * 6 * d   # linear, attention, adaLN
+    return depth * per_block + 2 * tokens * d * config["patch"] ** 2 * config["in_channels"] * 2
+
+
+# -----------------------------------------------------------------------------
+# Diffusion: linear schedule, forward noising, and the two reverse update rules
+
+def make_schedule(num_timesteps=NUM_TIMESTEPS):
+    """alpha_bar_t = prod_{s<=t} (1 - beta_s) for the linear beta schedule 1e-4 .. 0.02 (float64)."""
+    betas = torch.linspace(1e-4, 0.02, num_timesteps, dtype=torch.float64)
+    return torch.cumprod(1 - betas, dim=0)
+
+
+def q_sample(x0, t, noise, alphas_cumprod):
+    """x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise."""
+    a = alphas_cumprod.to(x0.device)[t].float()[:, None, None, None]
+    return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+
+def respaced_timesteps(num_steps, num_timesteps=NUM_TIMESTEPS):
+    """num_steps of the training steps, evenly spread, from the noisiest down: e.g. [999, 979, ..., 0]."""
+    return np.linspace(0, num_timesteps - 1, num_steps).round().astype(np.int64)[::-1].tolist()
+
+
+def predict_x0(x_t, eps, a_t):
+    return (x_t - (1 - a_t) ** 0.5 * eps) / a_t ** 0.5
+
+
+def ddpm_step(x_t, eps, a_t, a_prev, noise):
+    """Ancestral sampling from the posterior q(x_prev | x_t, x0) with x0 predicted from eps.
+    a_t, a_prev: alpha_bar of this and the next (respaced) step; beta = 1 - a_t / a_prev."""
+    beta = 1 - a_t / a_prev
+    x0 = predict_x0(x_t, eps, a_t)
+    mean = (a_prev ** 0.5 * beta / (1 - a_t)) * x0 + ((1 - beta) ** 0.5 * (1 - a_prev) / (1 - a_t)) * x_t
+    variance = beta * (1 - a_prev) / (1 - a_t)
+    return mean + variance ** 0.5 * noise
+
+
+def ddim_step(x_t, eps, a_t, a_prev, noise, eta=0.0):
+    """DDIM: move to the predicted x0, re-noised to step a_prev; eta=0 is deterministic, eta=1 is DDPM."""
+    sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
+    x0 = predict_x0(x_t, eps, a_t)
+    return a_prev ** 0.5 * x0 + (1 - a_prev - sigma ** 2) ** 0.5 * eps + sigma * noise
+
+
+@torch.no_grad()
+def sample_latents(model, labels, num_steps=50, sampler="ddpm", eta=0.0, cfg_scale=1.0, generator=None,
+                   shape=None, alphas_cumprod=None):
+    """Run the reverse process from pure noise to standardised latents (N, C, H, W).
+    With cfg_scale != 1, the conditional and the unconditional (null label) passes run as one batch."""
+    device, n = labels.device, len(labels)
+    alphas_cumprod = make_schedule() if alphas_cumprod is None else alphas_cumprod
+    x = torch.randn((n, *shape), generator=generator).to(device)
+    steps = respaced_timesteps(num_steps, len(alphas_cumprod))
+    null = torch.full_like(labels, model.num_classes)
+    for i, t in enumerate(steps):
+        a_t = alphas_cumprod[t].item()
+        a_prev = alphas_cumprod[steps[i + 1]].item() if i + 1 < len(steps) else 1.0
+        t_batch = torch.full((n,), t, device=device, dtype=torch.long)
+        with autocast(x.device):
+            if cfg_scale == 1.0:
+                eps = model(x, t_batch, labels).float()
+            else:
+                eps_cond, eps_uncond = model(torch.cat([x, x]), torch.cat([t_batch, t_batch]),
+                                             torch.cat([labels, null])).float().chunk(2)
+                eps = eps_uncond + cfg_scale * (eps_cond - eps_uncond)
+        noise = torch.randn(x.shape, generator=generator).to(device)
+        if i + 1 == len(steps):
+            noise = torch.zeros_like(noise)   # the last step adds no noise
+        x = ddpm_step(x, eps, a_t, a_prev, noise) if sampler == "ddpm" else ddim_step(x, eps, a_t, a_prev, noise, eta)
+    return x
+
+
+def decode_latents(decoder, z, latent_stats):
+    """Undo the standardisation and decode: (N, C, h, w) -> (N, H, W, 3) uint8."""
+    mean, std = (latent_stats[k].to(z.device)[None, :, None, None] for k in ("mean", "std"))
+    with autocast(z.device):
+        return to_uint8_images(decoder(z * std + mean))
+
+
+# -----------------------------------------------------------------------------
+# The latent cache and training
+
+@torch.no_grad()
+def build_latent_cache(autoencoder_path, device, batch_size=500):
+    """Encode the training set and its horizontal flips once; standardise; reuse while autoencoder.pt is unchanged."""
+    autoencoder_path = Path(autoencoder_path)
+    cache_path = autoencoder_path.with_name("latents.pt")
+    digest = hashlib.sha256(autoencoder_path.read_bytes()).hexdigest()
+    if cache_path.exists():
+        cache = torch.load(cache_path, weights_only=True)
+        if cache.get("autoencoder_sha256") == digest:
+            return cache
+    ae = load_checkpoint(autoencoder_path, stage=2)
+    encoder = Encoder(**autoencoder_kwargs(ae["config"])).to(device).eval()
+    encoder.load_state_dict(ae["encoder"])
+    data = load_data(ae["config"]["data"], ae["config"]["data_dir"], "train", ae["config"]["image_size"])
+    mean, std = (ae["latent_stats"][k][None, :, None, None] for k in ("mean", "std"))
+    latents = []
+    for flip in (False, True):
+        for i in tqdm(range(0, len(data.images), batch_size), desc=f"encoding latents{' (flipped)' if flip else ''}"):
+            x = to_model_input(data.images[i:i + batch_size]).to(device)
+            with autocast(device):
+                z = encoder(x.flip(3) if flip else x).float().cpu()
+            latents.append((z - mean) / std)
+    cache = {"autoencoder_sha256": digest, "latents": torch.cat(latents), "labels": data.labels.repeat(2),
+             "class_names": data.class_names}
+    save_checkpoint(cache, cache_path)
+    return cache
+
+
+def update_ema(ema, model, decay):
+    """ema <- decay * ema + (1 - decay) * model, parameter by parameter."""
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), model.parameters()):
+            e.lerp_(p, 1 - decay)
+
+
+def lr_at(step, config):
+    return config["lr"] * min(1.0, (step + 1) / max(1, config["warmup"]))
+
+
+def setup_distributed():
+    """(rank, world_size): torchrun sets RANK and WORLD_SIZE; a plain `python` run is rank 0 of 1."""
+    if "RANK" not in os.environ:
+        return 0, 1
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def train(args):
+    rank, world = setup_distributed()
+    device = pick_device(args.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", torch.cuda.current_device())
+    run = Path(args.run)
+    ae_path, ckpt_path, log_path = (run / "autoencoder.pt").resolve(), run / "dit.pt", run / "log_dit.jsonl"
+    ae = load_checkpoint(ae_path, stage=2)
+    if rank == 0:
+        build_latent_cache(ae_path, device)
+    if world > 1:
+        dist.barrier()
+    cache = build_latent_cache(ae_path, device)
+
+    if args.resume:
+        ckpt = load_checkpoint(ckpt_path, stage=3)
+        config = ckpt["config"]
+    else:
+        _, C, H, _ = cache["latents"].shape
+        config = dict(model=args.model, patch=args.patch, input_size=H, in_channels=C, attn=args.attn,
+                      num_classes=len(cache["class_names"]), class_names=cache["class_names"], lr=args.lr,
+                      batch_size=args.batch_size, warmup=args.warmup, grad_clip=args.grad_clip,
+                      ema_decay=args.ema_decay, class_dropout=args.class_dropout, seed=args.seed,
+                      autoencoder_path=str(ae_path))
+    if config["input_size"] % config["patch"]:
+        raise UserError(f"--patch {config['patch']} does not divide the {config['input_size']}x{config['input_size']} latent")
+    if config["batch_size"] % world:
+        raise UserError(f"--batch-size {config['batch_size']} is not divisible by the {world} processes")
+    local_batch = config["batch_size"] // world
+
+    torch.manual_seed(config["seed"])
+    model = build_dit(config).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=0.0, fused=device.type == "cuda")
+    step = 0
+    if args.resume:
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
+        torch.set_rng_state(ckpt["rng_state"])
+    elif rank == 0:
+        log_path.unlink(missing_ok=True)
+    if rank == 0:
+        print(f"{config['model']}/{config['patch']}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
+              f"{(config['input_size'] // config['patch']) ** 2} tokens, {len(cache['latents'])} cached latents, "
+              f"device {device}, {world} process(es)" + (f", resuming at step {step}" if step else ""), file=sys.stderr)
+
+    latents = cache["latents"][rank::world].to(device)   # each rank trains on its own shard
+    labels = cache["labels"][rank::world].to(device)
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    net = torch.compile(net) if args.compile else net
+    alphas_cumprod = make_schedule().to(device)
+
+    def checkpoint(metrics):
+        save_checkpoint({"stage": 3, "config": config, "model": model.state_dict(), "ema": ema.state_dict(),
+                         "optimizer": optimizer.state_dict(), "step": step, "rng_state": torch.get_rng_state(),
+                         "latent_stats": ae["latent_stats"], "autoencoder_path": str(ae_path),
+                         "metrics": metrics}, ckpt_path)
+
+    progress = Progress(log_path, args.steps, step, config["batch_size"], args.log_every, "DiT") if rank == 0 else None
+    model.train()
+    while step < args.steps:
+        # Every random draw of this step comes from its own generator: a resumed run repeats them exactly.
+        g = torch.Generator().manual_seed((config["seed"] * 1_000_003 + step) * 64 + rank)
+        idx = torch.randint(len(latents), (local_batch,), generator=g).to(device)
+        x0, y = latents[idx], drop_labels(labels[idx].cpu(), config["num_classes"], config["class_dropout"], g)
+        t = torch.randint(0, NUM_TIMESTEPS, (local_batch,), generator=g).to(device)
+        noise = torch.randn(x0.shape, generator=g).to(device)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, config)
+        with autocast(device):
+            loss = F.mse_loss(net(q_sample(x0, t, noise, alphas_cumprod), t, y.to(device)).float(), noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
+        optimizer.step()
+        # EMA warm-up: a short run's average does not start from (and stay near) the random init.
+        update_ema(ema, model, min(config["ema_decay"], (1 + step) / (10 + step)))
+        step += 1
+        if rank == 0:
+            progress.update(step, loss=loss, grad_norm=grad_norm)
+            if step % args.ckpt_every == 0 and step < args.steps:
+                checkpoint({})
+    if rank == 0:
+        progress.close()
+        checkpoint({"final_loss": loss.item()})
+        decoder = Decoder(**autoencoder_kwargs(ae["config"])).to(device).eval()
+        decoder.load_state_dict(ae["decoder"])
+        ema.eval()
+        y = torch.arange(config["num_classes"], device=device).repeat_interleave(8)
+        z = sample_latents(ema, y, 25, "ddim", cfg_scale=2.0, generator=torch.Generator().manual_seed(0),
+                           shape=(config["in_channels"], config["input_size"], config["input_size"]))
+        save_grid(decode_latents(decoder, z, ae["latent_stats"]), run / "dit_samples.png", nrow=8)
+        print(f"wrote {ckpt_path} and {run / 'dit_samples.png'} (25 DDIM steps, guidance 2)", file=sys.stderr)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+# -----------------------------------------------------------------------------
+# Benchmark: training steps on random latents, sdpa against manual attention, compile on and off
+
+def benchmark(args):
+    device = pick_device(args.device)
+    config = dict(model=args.model, patch=args.patch, input_size=args.latent_size, in_channels=args.latent_channels,
+                  num_classes=10, attn="sdpa")
+    B = args.batch_size
+    flops = 3 * dit_flops_per_image(config) * B
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"{config['model']}/{config['patch']}, latent {args.latent_channels}x{args.latent_size}x{args.latent_size}, "
+          f"batch {B}, {'bf16' if device.type == 'cuda' else 'fp32'} on {name}")
+    for attn in ("sdpa", "manual"):
+        for compiled in (False, True):
+            model = build_dit(dict(config, attn=attn)).to(device)
+            net = torch.compile(model) if compiled else model
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+            x = torch.randn(B, args.latent_channels, args.latent_size, args.latent_size, device=device)
+            t, y = torch.randint(0, 1000, (B,), device=device), torch.randint(0, 10, (B,), device=device)
+
+            def one_step():
+                with autocast(device):
+                    loss = F.mse_loss(net(x, t, y).float(), x)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            try:
+                for _ in range(args.benchmark_warmup):
+                    one_step()
+            except Exception as e:   # e.g. no C++ compiler for torch.compile on this machine
+                print(f"  attn={attn:6s} compile={str(compiled):5s}  failed: {e.__class__.__name__}: {str(e)[:80]}")
+                continue
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(args.benchmark_steps):
+                one_step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds = (time.perf_counter() - t0) / args.benchmark_steps
+            line = f"  attn={attn:6s} compile={str(compiled):5s}  {B / seconds:9.1f} images/s  {1000 * seconds:8.1f} ms/step"
+            print(line + (f"  {flops / seconds / 1e12:6.1f} TFLOP/s" if device.type == "cuda" else ""))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--run", default="runs/shapes", help="run folder: reads autoencoder.pt, writes dit.pt")
+    p.add_argument("--model", choices=list(DIT_SIZES), default=MODEL, help="DiT size")
+    p.add_argument("--patch", type=int, default=PATCH, help="patch size on the latent")
+    p.add_argument("--attn", choices=["sdpa", "manual"], default="sdpa", help="fused SDPA or the hand-written attention")
+    p.add_argument("--steps", type=int, default=STEPS, help="total training steps")
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="latents per step (over all processes)")
+    p.add_argument("--lr", type=float, default=LR, help="peak AdamW learning rate")
+    p.add_argument("--warmup", type=int, default=WARMUP, help="steps of linear learning-rate warm-up")
+    p.add_argument("--grad-clip", type=float, default=GRAD_CLIP, help="gradient norm clipping")
+    p.add_argument("--ema-decay", type=float, default=EMA_DECAY, help="decay of the EMA weights used for sampling")
+    p.add_argument("--class-dropout", type=float, default=CLASS_DROPOUT, help="label dropout for guidance")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to train")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--resume", action="store_true", help="continue from RUN/dit.pt up to --steps")
+    p.add_argument("--log-every", type=int, default=50, help="steps between log lines")
+    p.add_argument("--ckpt-every", type=int, default=2000, help="steps between checkpoints")
+    p.add_argument("--benchmark", action="store_true", help="time training steps on random latents and exit")
+    p.add_argument("--benchmark-steps", type=int, default=20, help="timed steps per benchmark variant")
+    p.add_argument("--benchmark-warmup", type=int, default=5, help="untimed steps first (compilation included)")
+    p.add_argument("--latent-size", type=int, default=8, help="benchmark: latent side")
+    p.add_argument("--latent-channels", type=int, default=4, help="benchmark: latent channels")
+    argv = sys.argv[1:] if argv is None else argv
+    # torchrun's own parser mistakes `--run` for its `--run-path`: `torchrun ... train_latent_dit.py -- --run DIR`
+    args = p.parse_args(argv[1:] if argv[:1] == ["--"] else argv)
+    if args.steps < 1 or args.batch_size < 1:
+        raise UserError("--steps and --batch-size must be positive")
+    benchmark(args) if args.benchmark else train(args)
+
+
+if __name__ == "__main__":
+    run_cli(main)
