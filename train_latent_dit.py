@@ -251,6 +251,17 @@ def ddim_step(x_t, eps, a_t, a_prev, noise, eta=0.0):
     return a_prev ** 0.5 * x0 + (1 - a_prev - sigma ** 2) ** 0.5 * eps + sigma * noise
 
 
+def guided_eps(model, x, t, labels, cfg_scale):
+    """Classifier-free guidance: eps_uncond + s * (eps_cond - eps_uncond), both passes in one batch;
+    s = 1 is the conditional model alone (one pass)."""
+    with autocast(x.device):
+        if cfg_scale == 1.0:
+            return model(x, t, labels).float()
+        null = torch.full_like(labels, model.num_classes)
+        eps_cond, eps_uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null])).float().chunk(2)
+    return eps_uncond + cfg_scale * (eps_cond - eps_uncond)
+
+
 @torch.no_grad()
 def sample_latents(model, labels, num_steps=50, sampler="ddpm", eta=0.0, cfg_scale=1.0, generator=None,
                    shape=None, alphas_cumprod=None):
@@ -260,18 +271,10 @@ def sample_latents(model, labels, num_steps=50, sampler="ddpm", eta=0.0, cfg_sca
     alphas_cumprod = make_schedule() if alphas_cumprod is None else alphas_cumprod
     x = torch.randn((n, *shape), generator=generator).to(device)
     steps = respaced_timesteps(num_steps, len(alphas_cumprod))
-    null = torch.full_like(labels, model.num_classes)
     for i, t in enumerate(steps):
         a_t = alphas_cumprod[t].item()
         a_prev = alphas_cumprod[steps[i + 1]].item() if i + 1 < len(steps) else 1.0
-        t_batch = torch.full((n,), t, device=device, dtype=torch.long)
-        with autocast(x.device):
-            if cfg_scale == 1.0:
-                eps = model(x, t_batch, labels).float()
-            else:
-                eps_cond, eps_uncond = model(torch.cat([x, x]), torch.cat([t_batch, t_batch]),
-                                             torch.cat([labels, null])).float().chunk(2)
-                eps = eps_uncond + cfg_scale * (eps_cond - eps_uncond)
+        eps = guided_eps(model, x, torch.full((n,), t, device=device, dtype=torch.long), labels, cfg_scale)
         noise = torch.randn(x.shape, generator=generator).to(device)
         if i + 1 == len(steps):
             noise = torch.zeros_like(noise)   # the last step adds no noise

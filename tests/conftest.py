@@ -69,3 +69,12 @@ def copy_run(src, dst, *names):
     for name in names:
         (dst / name).write_bytes((src / name).read_bytes())
     return dst
+
+
+@pytest.fixture(scope="session")
+def dit_run(autoencoder_run, tmp_path_factory):
+    """A tiny DiT trained for a few steps on the tiny autoencoder: a run folder with dit.pt."""
+    run = copy_run(autoencoder_run, tmp_path_factory.mktemp("dit_run"), "autoencoder.pt")
+    run_script("train_latent_dit.py", "--run", run, "--model", "DiT-T", "--patch", "2", "--steps", "10",
+               "--batch-size", "16")
+    return run
