@@ -24,16 +24,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from stage1_encoder import (Decoder, Encoder, Progress, UserError, autocast, autoencoder_kwargs,
+from stage1_encoder import (Decoder, Encoder, Progress, UserError, autocast, autoencoder_kwargs, count_params,
                             evaluate_reconstruction, load_checkpoint, load_data, pick_device, reconstruction_loss,
                             run_cli, sample_batch, save_checkpoint,
                             step_generator, to_model_input)
 
 # -----------------------------------------------------------------------------
 # Defaults: the recommended recipe (every one is a flag of main())
-STEPS = 3000
-BATCH_SIZE = 64
-LR = 2e-4
+STEPS = 20000           # as many as stage 1: DAE and joint then spend the same compute
+BATCH_SIZE = 128
+LR = 1e-3
 GAN_WEIGHT = 0.0        # adversarial loss weight (0: off, the default)
 GAN_START = 1000        # steps of pure reconstruction before the discriminator joins
 
@@ -146,7 +146,7 @@ def train(args):
     encoder.train(joint)   # a frozen encoder stays in eval mode
     decoder.train()
     print(f"stage 2 ({'joint baseline' if joint else 'DAE, frozen encoder'}) on {train_data.description}, "
-          f"device {device}, decoder {sum(p.numel() for p in decoder.parameters()) / 1e6:.2f}M params"
+          f"device {device}, decoder {count_params(decoder)}"
           + (f", GAN weight {config['gan_weight']} from step {config['gan_start']}" if use_gan else ""),
           file=sys.stderr)
 

@@ -28,15 +28,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from stage1_encoder import (Decoder, Encoder, Progress, UserError, autocast, autoencoder_kwargs, load_checkpoint,
-                            load_data, pick_device, run_cli, save_checkpoint, save_grid, to_model_input,
-                            to_uint8_images)
+from stage1_encoder import (Decoder, Encoder, Progress, UserError, autocast, autoencoder_kwargs, count_params,
+                            load_checkpoint, load_data, pick_device, run_cli, save_checkpoint, save_grid,
+                            to_model_input, to_uint8_images)
 
 # -----------------------------------------------------------------------------
 # Defaults: the recommended recipe (every one is a flag of main())
 MODEL = "DiT-S"
 PATCH = 1               # an 8x8 latent with patch 1 is 64 tokens
-STEPS = 20000
+STEPS = 50000
 BATCH_SIZE = 256
 LR = 3e-4
 WARMUP = 500            # steps of linear learning-rate warm-up
@@ -385,7 +385,7 @@ def train(args):
     elif rank == 0:
         log_path.unlink(missing_ok=True)
     if rank == 0:
-        print(f"{config['model']}/{config['patch']}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
+        print(f"{config['model']}/{config['patch']}: {count_params(model)}, "
               f"{(config['input_size'] // config['patch']) ** 2} tokens, {len(cache['latents'])} cached latents, "
               f"device {device}, {world} process(es)" + (f", resuming at step {step}" if step else ""), file=sys.stderr)
 
