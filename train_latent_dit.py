@@ -349,11 +349,10 @@ def train(args):
     run = Path(args.run)
     ae_path, ckpt_path, log_path = (run / "autoencoder.pt").resolve(), run / "dit.pt", run / "log_dit.jsonl"
     ae = load_checkpoint(ae_path, stage=2)
-    if rank == 0:
-        build_latent_cache(ae_path, device)
+    cache = build_latent_cache(ae_path, device) if rank == 0 else None
     if world > 1:
-        dist.barrier()
-    cache = build_latent_cache(ae_path, device)
+        dist.barrier()   # rank 0 has written the cache; the other ranks read it
+        cache = cache or build_latent_cache(ae_path, device)
 
     if args.resume:
         ckpt = load_checkpoint(ckpt_path, stage=3)
