@@ -73,9 +73,10 @@ def adaptive_gan_weight(rec_loss, gan_loss, last_layer_weight):
 def latent_statistics(encoder, data, device, num=10_000, batch_size=500):
     """Per-channel mean and std of the latents of `num` images, and SD's scale factor 1 / std."""
     encoder.eval()
-    # Images evenly spread over the set (a folder is sorted by class); 10,000 times every latent
-    # position pins a channel's mean and std far better than the standardisation needs.
-    images = data.images[::max(1, len(data.images) // num)][:num]
+    # Images evenly spread from the first to the last (a folder is sorted by class); 10,000 times every
+    # latent position pins a channel's mean and std far better than the standardisation needs.
+    n = len(data.images)
+    images = data.images[torch.linspace(0, n - 1, min(num, n)).round().long()]
     total, total_sq, count = 0.0, 0.0, 0
     for i in tqdm(range(0, len(images), batch_size), desc="latent statistics", leave=False):
         with autocast(device):
