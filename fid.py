@@ -21,6 +21,7 @@ and the output says so. It also reports whether each labelled sample shows the c
 import argparse
 import sys
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -30,8 +31,8 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from stage1_encoder import (IMAGE_EXTENSIONS, Progress, UserError, download, file_digest, load_data, pick_device,
-                            run_cli, sample_batch, save_checkpoint, to_model_input)
+from stage1_encoder import (IMAGE_EXTENSIONS, Progress, UserError, atomic_save, download, file_digest, load_data,
+                            pick_device, run_cli, sample_batch, save_checkpoint, to_model_input)
 
 FID_WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_SHA256_PREFIX = "6726825d"
@@ -177,7 +178,8 @@ class FIDInceptionV3(nn.Module):
 
 
 def load_inception(weights=None, device="cpu"):
-    """The FID network with the official weights: --weights PATH, or downloaded once and sha256-checked."""
+    """The FID network with the official weights (--weights PATH, or downloaded once and sha256-checked)
+    and the start of the weights' sha256, which names the cached dataset statistics they made."""
     if weights is None:
         path = Path(torch.hub.get_dir()) / "checkpoints" / Path(FID_WEIGHTS_URL).name   # where pytorch-fid keeps it
         if not path.exists():
@@ -185,11 +187,13 @@ def load_inception(weights=None, device="cpu"):
         elif not file_digest(path, "sha256").startswith(FID_WEIGHTS_SHA256_PREFIX):
             raise UserError(f"{path} has the wrong sha256 (it must start with {FID_WEIGHTS_SHA256_PREFIX}); "
                             f"delete it to download it again")
+        digest = FID_WEIGHTS_SHA256_PREFIX
     else:
         path = Path(weights)
         if not path.is_file():
             raise UserError(f"--weights {path} does not exist; get {FID_WEIGHTS_URL}")
-        if not file_digest(path, "sha256").startswith(FID_WEIGHTS_SHA256_PREFIX):
+        digest = file_digest(path, "sha256")[:8]
+        if digest != FID_WEIGHTS_SHA256_PREFIX:
             warnings.warn(f"{path} is not the official FID Inception file: its FIDs are not comparable to published ones")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -199,7 +203,7 @@ def load_inception(weights=None, device="cpu"):
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or any(not k.endswith("num_batches_tracked") for k in missing):
         raise UserError(f"{path} does not hold the FID Inception weights (missing {missing[:2]}, unexpected {unexpected[:2]})")
-    return model.to(device).eval()
+    return model.to(device).eval(), digest
 
 
 # -----------------------------------------------------------------------------
@@ -221,14 +225,23 @@ class Classifier(nn.Module):
         return features, self.head(features)
 
 
-def load_classifier(data_name, data_dir, device, steps=1500, batch_size=128):
-    """The classifier of a dataset, trained once (a minute or two on a CPU) and cached beside the data."""
-    path = Path(data_dir) / f"fid_classifier_{Path(data_name).name}.pt"
+def classifier_path(data_name, data_dir, steps, flip):
+    """The cache file of a classifier: named by its dataset and by every setting that changes it."""
+    return Path(data_dir) / f"fid_classifier_{Path(data_name).name}_{steps}steps{'' if flip else '_noflip'}.pt"
+
+
+def load_classifier(data_name, data_dir, device, steps=1500, flip=True, batch_size=128):
+    """The classifier of a dataset, trained once (a minute or two on a CPU) and cached beside the data;
+    with flip=False (digits, text) it never sees a mirrored image."""
+    path = classifier_path(data_name, data_dir, steps, flip)
     if path.exists():
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        model = Classifier(len(ckpt["class_names"]))
-        model.load_state_dict(ckpt["model"])
-        return model.to(device).eval(), ckpt
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            model = Classifier(len(ckpt["class_names"]))
+            model.load_state_dict(ckpt["model"])
+            return model.to(device).eval(), ckpt
+        except Exception as e:
+            print(f"{path} is damaged ({e.__class__.__name__}); training the classifier again", file=sys.stderr)
     train, test = load_data(data_name, data_dir, "train"), load_data(data_name, data_dir, "test")
     torch.manual_seed(0)
     model = Classifier(len(train.class_names)).to(device)
@@ -236,7 +249,7 @@ def load_classifier(data_name, data_dir, device, steps=1500, batch_size=128):
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps)
     progress = Progress(path.with_suffix(".log.jsonl"), steps, 0, batch_size, 100, f"classifier on {data_name}")
     for step in range(steps):
-        x, y = sample_batch(train, batch_size, torch.Generator().manual_seed(step))
+        x, y = sample_batch(train, batch_size, torch.Generator().manual_seed(step), flip=flip)
         loss = F.cross_entropy(model(x.to(device))[1], y.to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -272,6 +285,8 @@ def extract(model, images, device, batch_size=200):
 
 def statistics(features):
     """Mean and covariance (float64, rows are samples), as pytorch-fid computes them."""
+    if len(features) < 2:
+        raise UserError(f"a covariance needs at least 2 images, but a source has {len(features)}")
     if len(features) < 2048:
         warnings.warn(f"only {len(features)} images: an FID from fewer than 2,048 is biased high and noisy")
     return features.mean(0), np.cov(features, rowvar=False)
@@ -308,12 +323,19 @@ def inception_score(logits, splits=10):
 # Sources: npz of images, statistics npz, folder of images, dataset name
 
 def read_source(source, args):
-    """-> ("stats", (mu, sigma)) or ("images", uint8 NHWC array, labels or None, cache path or None)."""
+    """-> ("stats", (mu, sigma)) or ("images", uint8 NHWC array, labels or None, dataset name or None),
+    every mistake found before any network runs."""
     if source in DATASETS:
         data = load_data(source, args.data_dir, args.split)
-        cache = Path(args.data_dir) / f"fid_stats_{source}_{args.split}_{args.feature_tag}.npz"
-        return "images", data.images.numpy(), data.labels.numpy(), cache
-    path = Path(source)
+        return "images", data.images.numpy(), data.labels.numpy(), source
+    kind, *rest = read_file_source(Path(source))
+    if kind == "images" and len(rest[0]) < 2:
+        raise UserError(f"a covariance needs at least 2 images, but {source} holds {len(rest[0])}")
+    return kind, *rest
+
+
+def read_file_source(path):
+    """A folder of images or an npz: ("stats", (mu, sigma)) or ("images", images, labels or None, None)."""
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
         if not files:
@@ -329,28 +351,36 @@ def read_source(source, args):
             raise UserError(f"the images in {path} have different sizes; FID needs one size")
         return "images", np.stack(images), None, None
     if path.suffix != ".npz" or not path.is_file():
-        raise UserError(f"{source} is neither {' nor '.join(DATASETS)}, a folder of images, nor an .npz file")
-    with np.load(path) as f:
-        if "mu" in f and "sigma" in f:
-            return "stats", (f["mu"], f["sigma"])
-        if "arr_0" not in f or f["arr_0"].ndim != 4 or f["arr_0"].shape[-1] != 3 or f["arr_0"].dtype != np.uint8:
-            raise UserError(f"{path} holds neither mu/sigma statistics nor uint8 NHWC images under arr_0")
-        return "images", f["arr_0"], (f["arr_1"] if "arr_1" in f else None), None
+        raise UserError(f"{path} is neither {' nor '.join(DATASETS)}, a folder of images, nor an .npz file")
+    try:   # allow_pickle=False: an npz of Python objects could run code
+        with np.load(path, allow_pickle=False) as f:
+            if "mu" in f and "sigma" in f:
+                return "stats", (f["mu"], f["sigma"])
+            if "arr_0" not in f or f["arr_0"].ndim != 4 or f["arr_0"].shape[-1] != 3 or f["arr_0"].dtype != np.uint8:
+                raise UserError(f"{path} holds neither mu/sigma statistics nor uint8 NHWC images under arr_0")
+            return "images", f["arr_0"], (f["arr_1"] if "arr_1" in f else None), None
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise UserError(f"{path} is not a readable npz of images or statistics ({e.__class__.__name__})")
 
 
 def source_statistics(source, model, args, device):
-    """(mu, sigma, per-image logits or None, labels or None) of a source; a dataset's statistics are cached."""
-    kind, *rest = read_source(source, args)
+    """(mu, sigma, per-image logits or None, labels or None) of a source read by read_source; a dataset's
+    statistics are cached, named by the features that made them (the weights' sha256, the classifier's settings)."""
+    kind, *rest = source
     if kind == "stats":
         return (*rest[0], None, None)
-    images, labels, cache = rest
+    images, labels, dataset = rest
+    cache = Path(args.data_dir) / f"fid_stats_{dataset}_{args.split}_{args.feature_tag}.npz" if dataset else None
     if cache is not None and cache.exists() and not args.is_score:
-        with np.load(cache) as f:
-            return f["mu"], f["sigma"], None, None
+        try:
+            with np.load(cache, allow_pickle=False) as f:
+                return f["mu"], f["sigma"], None, None
+        except (ValueError, OSError, KeyError, EOFError, zipfile.BadZipFile):
+            print(f"{cache} is damaged; computing the statistics again", file=sys.stderr)
     features, logits = extract(model, images, device, args.batch_size)
     mu, sigma = statistics(features)
     if cache is not None:
-        np.savez(cache, mu=mu, sigma=sigma)
+        atomic_save(cache, lambda tmp: np.savez(tmp, mu=mu, sigma=sigma))
     return mu, sigma, logits, labels
 
 
@@ -365,31 +395,37 @@ def main(argv=None):
     p.add_argument("--data-dir", default="data", help="where datasets, classifiers and reference statistics live")
     p.add_argument("--classifier-data", help="dataset of the classifier (default: the dataset among the sources)")
     p.add_argument("--classifier-steps", type=int, default=1500, help="training steps of a new classifier")
+    p.add_argument("--no-flip", action="store_true", help="train the classifier without horizontal flips (digits, text)")
     p.add_argument("--save-stats", action="store_true", help="write the statistics of the first source to the second path")
     p.add_argument("--is", dest="is_score", action="store_true", help="also print the Inception Score of the first source")
     p.add_argument("--batch-size", type=int, default=200, help="images per forward pass")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to run the network")
     args = p.parse_args(argv)
+    if args.batch_size < 1 or args.classifier_steps < 1:
+        raise UserError("--batch-size and --classifier-steps must be positive")
+    if args.save_stats and (Path(args.sources[1]).suffix != ".npz" or not Path(args.sources[1]).parent.is_dir()):
+        raise UserError(f"--save-stats writes to {args.sources[1]}: it must end in .npz, in an existing folder")
+    sources = [read_source(s, args) for s in args.sources[:1 if args.save_stats else 2]]
     device = pick_device(args.device)
     if args.features == "inception":
-        model, label = load_inception(args.weights, device), "FID (Inception, pytorch-fid compatible)"
-        args.feature_tag = "inception"
+        model, digest = load_inception(args.weights, device)
+        label, args.feature_tag = "FID (Inception, pytorch-fid compatible)", f"inception-{digest}"
     else:
         data_name = args.classifier_data or next((s for s in args.sources if s in DATASETS), None)
         if data_name is None:
             raise UserError("--features classifier needs a dataset: name one as a source or with --classifier-data")
-        model, ckpt = load_classifier(data_name, args.data_dir, device, args.classifier_steps)
-        args.feature_tag = f"classifier-{Path(data_name).name}"
+        model, ckpt = load_classifier(data_name, args.data_dir, device, args.classifier_steps, not args.no_flip)
+        args.feature_tag = classifier_path(data_name, "", args.classifier_steps, not args.no_flip).stem
         label = (f"classifier-feature distance (NOT the standard FID: features of a CNN trained on {data_name}, "
                  f"test accuracy {100 * ckpt['test_accuracy']:.1f}%)")
 
     if args.save_stats:
-        mu, sigma, _, _ = source_statistics(args.sources[0], model, args, device)
-        np.savez(args.sources[1], mu=mu, sigma=sigma)
+        mu, sigma, _, _ = source_statistics(sources[0], model, args, device)
+        atomic_save(args.sources[1], lambda tmp: np.savez(tmp, mu=mu, sigma=sigma))
         print(f"wrote the {args.features} statistics of {args.sources[0]} to {args.sources[1]}")
         return
-    mu1, sigma1, logits1, labels1 = source_statistics(args.sources[0], model, args, device)
-    mu2, sigma2, _, _ = source_statistics(args.sources[1], model, args, device)
+    mu1, sigma1, logits1, labels1 = source_statistics(sources[0], model, args, device)
+    mu2, sigma2, _, _ = source_statistics(sources[1], model, args, device)
     if args.is_score and logits1 is not None and args.features == "inception":
         print("Inception Score of {}: {:.3f} +- {:.3f}".format(args.sources[0], *inception_score(logits1)))
     if args.features == "classifier" and labels1 is not None and logits1 is not None:

@@ -10,7 +10,6 @@ ready for fid.py.
     python sample.py --run runs/shapes --num 50000 --cfg-scale 1.5   # + runs/shapes/samples.npz
 """
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -18,17 +17,21 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from stage1_encoder import Decoder, UserError, autoencoder_kwargs, load_checkpoint, pick_device, run_cli, save_grid
-from train_latent_dit import build_dit, decode_latents, sample_latents
+from stage1_encoder import (Decoder, UserError, atomic_save, autoencoder_kwargs, load_checkpoint, pick_device,
+                            run_cli, save_grid)
+from train_latent_dit import build_dit, decode_latents, load_autoencoder, sample_latents
 
 
 def load_models(run, device, use_ema=True):
-    """(dit, decoder, dit checkpoint) from RUN/dit.pt and the autoencoder.pt it was trained on."""
+    """(dit, decoder, dit checkpoint) from RUN/dit.pt and the autoencoder.pt it was trained on: the one beside
+    dit.pt first (a copied run folder), else the recorded path; its sha256 must be the recorded one."""
     ckpt = load_checkpoint(Path(run) / "dit.pt", stage=3)
-    ae_path = Path(ckpt["autoencoder_path"])
-    if not ae_path.exists():   # the run folder was moved or copied: look beside dit.pt
-        ae_path = Path(run) / "autoencoder.pt"
-    ae = load_checkpoint(ae_path, stage=2)
+    beside = Path(run) / "autoencoder.pt"
+    ae_path = beside if beside.exists() else Path(ckpt["autoencoder_path"])
+    ae, digest = load_autoencoder(ae_path)
+    if digest != ckpt.get("autoencoder_sha256", digest):
+        raise UserError(f"{ae_path} is not the autoencoder {Path(run) / 'dit.pt'} was trained on (its sha256 "
+                        f"differs); put the right autoencoder.pt beside dit.pt")
     model = build_dit(ckpt["config"]).to(device).eval()
     model.load_state_dict(ckpt["ema"] if use_ema else ckpt["model"])
     decoder = Decoder(**autoencoder_kwargs(ae["config"])).to(device).eval()
@@ -62,7 +65,8 @@ def generate(model, decoder, ckpt, labels, args, device, seed):
     config = ckpt["config"]
     z = sample_latents(model, labels.to(device), args.steps, args.sampler, args.eta, args.cfg_scale,
                        generator=torch.Generator().manual_seed(seed),
-                       shape=(config["in_channels"], config["input_size"], config["input_size"]))
+                       shape=(config["in_channels"], config["input_size"], config["input_size"]),
+                       schedule=config.get("schedule", "linear"), target=config.get("target", "eps"))
     return decode_latents(decoder, z, ckpt["latent_stats"])
 
 
@@ -87,6 +91,13 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.steps < 1 or args.batch_size < 1 or args.num < 0 or args.per_class < 1:
         raise UserError("--steps, --batch-size and --per-class must be positive and --num not negative")
+    if not 0 <= args.eta <= 1:
+        raise UserError(f"--eta must lie in [0, 1] (0: deterministic DDIM, 1: DDPM), not {args.eta}")
+    out = Path(args.out or Path(args.run) / "samples.npz")
+    if args.num and out.suffix != ".npz":
+        raise UserError(f"--out {out} must end in .npz")
+    if args.num and not out.parent.is_dir():
+        raise UserError(f"the folder of --out {out} does not exist; create it or choose another path")
     device = pick_device(args.device)
     model, decoder, ckpt = load_models(args.run, device, use_ema=not args.no_ema)
     if args.compile:
@@ -104,15 +115,12 @@ def main(argv=None):
 
     # The npz: the same number of each chosen class, in batches, each batch seeded by its index.
     if args.num:
-        out = Path(args.out or Path(args.run) / "samples.npz")
         labels = torch.tensor(classes)[torch.arange(args.num) % len(classes)]
         images = []
         for b, i in enumerate(tqdm(range(0, args.num, args.batch_size), desc="sampling")):
             images.append(generate(model, decoder, ckpt, labels[i:i + args.batch_size], args, device,
                                    seed=batch_seed(args.seed, b)))
-        tmp = out.with_name(f".{out.name}.tmp.npz")
-        np.savez(tmp, arr_0=torch.cat(images).numpy(), arr_1=labels.numpy())
-        os.replace(tmp, out)
+        atomic_save(out, lambda tmp: np.savez(tmp, arr_0=torch.cat(images).numpy(), arr_1=labels.numpy()))
         print(f"wrote {args.num} images to {out} ({what})", file=sys.stderr)
 
 

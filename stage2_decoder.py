@@ -7,7 +7,8 @@ second stage). The latent the generative model will see is therefore the stage-1
 image quality comes from the strong decoder.
 
 `--joint` is the paper's baseline instead: it keeps training the encoder and the (unweakened)
-stage-1 decoder together for the same number of steps, so both recipes spend the same compute.
+stage-1 decoder together for the same number of steps. The comparison is step-matched, not
+compute-matched: the joint run also backpropagates through the encoder (about 25% more compute).
 
 At the end it measures the test PSNR and the latent statistics that the diffusion model uses to
 standardise its inputs (per-channel mean and std, and SD's kind of scale factor).
@@ -24,14 +25,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from stage1_encoder import (Decoder, Encoder, Progress, UserError, autocast, autoencoder_kwargs, count_params,
-                            evaluate_reconstruction, load_checkpoint, load_data, pick_device, reconstruction_loss,
-                            run_cli, sample_batch, save_checkpoint,
-                            step_generator, to_model_input)
+from stage1_encoder import (Decoder, Encoder, Interrupted, Progress, UserError, add_training_flags, autocast,
+                            autoencoder_kwargs, check_training_flags, count_params, evaluate_reconstruction,
+                            load_checkpoint, load_data, load_optimizer, pick_device, prepare_run,
+                            reconstruction_loss, resume_checkpoint, run_cli, sample_batch, save_checkpoint,
+                            spread_indices, step_generator, to_model_input)
 
 # -----------------------------------------------------------------------------
 # Defaults: the recommended recipe (every one is a flag of main())
-STEPS = 20000           # as many as stage 1: DAE and joint then spend the same compute
+STEPS = 20000           # as many as stage 1: DAE and joint then take the same number of steps
 BATCH_SIZE = 128
 LR = 1e-3
 GAN_WEIGHT = 0.0        # adversarial loss weight (0: off, the default)
@@ -75,8 +77,7 @@ def latent_statistics(encoder, data, device, num=10_000, batch_size=500):
     encoder.eval()
     # Images evenly spread from the first to the last (a folder is sorted by class); 10,000 times every
     # latent position pins a channel's mean and std far better than the standardisation needs.
-    n = len(data.images)
-    images = data.images[torch.linspace(0, n - 1, min(num, n)).round().long()]
+    images = data.images[spread_indices(len(data.images), num)]
     total, total_sq, count = 0.0, 0.0, 0
     for i in tqdm(range(0, len(images), batch_size), desc="latent statistics", leave=False):
         with autocast(device):
@@ -95,13 +96,16 @@ def latent_statistics(encoder, data, device, num=10_000, batch_size=500):
 
 def train(args):
     device = pick_device(args.device)
-    run = Path(args.run)
-    stage1_path = (run / "stage1.pt").resolve()
-    ckpt_path, log_path = run / "autoencoder.pt", run / "log_stage2.jsonl"
+    stage1_path = (Path(args.run) / "stage1.pt").resolve()
     stage1 = load_checkpoint(stage1_path, stage=1)
+    run = prepare_run(args.run)
+    ckpt_path, log_path = run / "autoencoder.pt", run / "log_stage2.jsonl"
+    if not stage1.get("finished"):
+        raise UserError(f"{stage1_path} stopped at step {stage1['step']} of {stage1.get('total_steps', '?')}: "
+                        f"finish it first (stage1_encoder.py --run {run} --resume)")
 
     if args.resume:
-        ckpt = load_checkpoint(ckpt_path, stage=2)
+        ckpt = resume_checkpoint(ckpt_path, log_path, stage=2, steps=args.steps)
         config = ckpt["config"]
     else:
         config = dict(stage1["config"], stage2_lr=args.lr, stage2_batch_size=args.batch_size,
@@ -128,7 +132,7 @@ def train(args):
         params = list(decoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=config["stage2_lr"], weight_decay=0.0, fused=device.type == "cuda")
     if joint and not args.resume:
-        optimizer.load_state_dict(stage1["optimizer"])   # a true continuation of the joint run
+        load_optimizer(optimizer, stage1["optimizer"], device)   # a true continuation of the joint run
         for group in optimizer.param_groups:
             group["lr"] = config["stage2_lr"]
     use_gan = config["gan_weight"] > 0
@@ -139,7 +143,7 @@ def train(args):
     if args.resume:
         encoder.load_state_dict(ckpt["encoder"])
         decoder.load_state_dict(ckpt["decoder"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        load_optimizer(optimizer, ckpt["optimizer"], device)
         if use_gan:
             discriminator.load_state_dict(ckpt["discriminator"])
             d_optimizer.load_state_dict(ckpt["d_optimizer"])
@@ -156,7 +160,7 @@ def train(args):
 
     encode, decode = (torch.compile(encoder), torch.compile(decoder)) if args.compile else (encoder, decoder)
 
-    def checkpoint(metrics, stats=None):
+    def checkpoint(metrics, stats=None):   # stats (and so a usable autoencoder.pt) only once finished
         save_checkpoint({"stage": 2, "config": config, "encoder": encoder.state_dict(),
                          "decoder": decoder.state_dict(), "optimizer": optimizer.state_dict(),
                          "discriminator": discriminator.state_dict() if use_gan else None,
@@ -165,38 +169,47 @@ def train(args):
                          "metrics": metrics}, ckpt_path)
 
     progress = Progress(log_path, args.steps, step, config["stage2_batch_size"], args.log_every, "stage 2")
-    while step < args.steps:
-        x, _ = sample_batch(train_data, config["stage2_batch_size"], step_generator(config["stage2_seed"], step))
-        x = x.to(device, non_blocking=True)
-        with torch.set_grad_enabled(joint), autocast(device):
-            z = encode(x)   # (N, C, h, w); under no_grad when the encoder is frozen
-        with autocast(device):
-            x_hat = decode(z)
-            rec_loss = reconstruction_loss(x_hat, x, config["loss"])
-        loss, logs = rec_loss, {}
-        if use_gan and step >= config["gan_start"]:
+    try:
+        while step < args.steps:
+            x, _ = sample_batch(train_data, config["stage2_batch_size"],
+                                step_generator(config["stage2_seed"], step, stage=2), flip=config.get("flip", True))
+            x = x.to(device, non_blocking=True)
+            with torch.set_grad_enabled(joint), autocast(device):
+                z = encode(x)   # (N, C, h, w); under no_grad when the encoder is frozen
             with autocast(device):
-                g_loss = -discriminator(x_hat).float().mean()
-            weight = config["gan_weight"] * adaptive_gan_weight(rec_loss, g_loss, decoder.layers[-1].weight)
-            loss = rec_loss + weight * g_loss
-            logs = {"g_loss": g_loss, "gan_weight": weight}
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if use_gan and step >= config["gan_start"]:
-            with autocast(device):
-                d_loss = hinge_d_loss(discriminator(x).float(), discriminator(x_hat.detach()).float())
-            d_optimizer.zero_grad(set_to_none=True)
-            d_loss.backward()
-            d_optimizer.step()
-            logs["d_loss"] = d_loss
-        step += 1
-        progress.update(step, loss=loss, rec_loss=rec_loss, **logs)
-        if step % args.ckpt_every == 0 and step < args.steps:
-            checkpoint({})
-    progress.close()
+                x_hat = decode(z)
+                rec_loss = reconstruction_loss(x_hat, x, config["loss"])
+            loss, logs = rec_loss, {}
+            if use_gan and step >= config["gan_start"]:
+                with autocast(device):
+                    g_loss = -discriminator(x_hat).float().mean()
+                weight = config["gan_weight"] * adaptive_gan_weight(rec_loss, g_loss, decoder.layers[-1].weight)
+                loss = rec_loss + weight * g_loss
+                logs = {"g_loss": g_loss, "gan_weight": weight}
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if use_gan and step >= config["gan_start"]:
+                with autocast(device):
+                    d_loss = hinge_d_loss(discriminator(x).float(), discriminator(x_hat.detach()).float())
+                d_optimizer.zero_grad(set_to_none=True)
+                d_loss.backward()
+                d_optimizer.step()
+                logs["d_loss"] = d_loss
+            step += 1
+            progress.update(step, loss=loss, rec_loss=rec_loss, **logs)
+            if step % args.ckpt_every == 0 and step < args.steps:
+                progress.check_finite()
+                checkpoint({})
+    except KeyboardInterrupt:
+        raise Interrupted(ckpt_path) from None
+    finally:
+        progress.close()
 
     stats = latent_statistics(encoder, train_data, device)
+    if not all(torch.isfinite(stats[k]).all() for k in ("mean", "std")) or not stats["std"].min() > 0:
+        raise UserError(f"the latents of {stage1_path} are not finite or constant (std {stats['std'].tolist()}): "
+                        f"train stage 1 again with a lower --lr; {ckpt_path} was not written")
     metrics = {"test_psnr": evaluate_reconstruction(encoder, decoder, test_data, device, run / "stage2_recon.png"),
                "stage1_test_psnr_aux": stage1["metrics"].get("test_psnr_aux")}
     checkpoint(metrics, stats)
@@ -211,20 +224,13 @@ def main(argv=None):
     p.add_argument("--run", default="runs/shapes", help="run folder: reads stage1.pt, writes autoencoder.pt")
     p.add_argument("--joint", action="store_true",
                    help="the baseline: keep training encoder and stage-1 decoder together instead of freezing")
-    p.add_argument("--steps", type=int, default=STEPS, help="total training steps")
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="images per step")
-    p.add_argument("--lr", type=float, default=LR, help="AdamW learning rate")
     p.add_argument("--gan-weight", type=float, default=GAN_WEIGHT, help="weight of the PatchGAN hinge loss (0: off)")
     p.add_argument("--gan-start", type=int, default=GAN_START, help="step at which the adversarial loss starts")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to train")
-    p.add_argument("--compile", action="store_true", help="torch.compile the encoder and decoder")
-    p.add_argument("--resume", action="store_true", help="continue from RUN/autoencoder.pt up to --steps")
-    p.add_argument("--log-every", type=int, default=50, help="steps between log lines")
-    p.add_argument("--ckpt-every", type=int, default=1000, help="steps between checkpoints")
+    add_training_flags(p, STEPS, BATCH_SIZE, LR, ckpt_every=1000, checkpoint="autoencoder.pt")
     args = p.parse_args(argv)
-    if args.steps < 1 or args.batch_size < 1 or args.gan_weight < 0:
-        raise UserError("--steps and --batch-size must be positive and --gan-weight not negative")
+    check_training_flags(args)
+    if not args.gan_weight >= 0:
+        raise UserError(f"--gan-weight must not be negative, not {args.gan_weight}")
     train(args)
 
 

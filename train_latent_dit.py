@@ -14,7 +14,6 @@ Also here: the 1000-step noise schedule and the DDPM / DDIM update rules that sa
 """
 import argparse
 import copy
-import hashlib
 import math
 import os
 import sys
@@ -28,9 +27,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from stage1_encoder import (Decoder, Encoder, Progress, UserError, autocast, autoencoder_kwargs, count_params,
-                            load_checkpoint, load_data, pick_device, run_cli, save_checkpoint, save_grid,
-                            to_model_input, to_uint8_images)
+from stage1_encoder import (Decoder, Encoder, Interrupted, Progress, UserError, add_training_flags, autocast,
+                            autoencoder_kwargs, check_training_flags, count_params, file_digest, load_checkpoint,
+                            load_data, load_optimizer, pick_device, prepare_run, resume_checkpoint, run_cli,
+                            save_checkpoint, save_grid, to_model_input, to_uint8_images)
 
 # -----------------------------------------------------------------------------
 # Defaults: the recommended recipe (every one is a flag of main())
@@ -46,6 +46,9 @@ CLASS_DROPOUT = 0.1     # labels replaced by the null label, for classifier-free
 NUM_TIMESTEPS = 1000
 
 DIT_SIZES = {           # depth, hidden size, heads
+    "DiT-XS": (4, 128, 2),
+    "DiT-TT": (6, 128, 2),
+    "DiT-TD": (3, 192, 3),
     "DiT-T": (6, 192, 3),
     "DiT-S": (12, 384, 6),
     "DiT-B": (12, 768, 12),
@@ -211,12 +214,21 @@ def dit_flops_per_image(config):
 
 
 # -----------------------------------------------------------------------------
-# Diffusion: linear schedule, forward noising, and the two reverse update rules
+# Diffusion: noise schedules, forward noising, prediction targets, and the two reverse update rules
 
-def make_schedule(num_timesteps=NUM_TIMESTEPS):
-    """alpha_bar_t = prod_{s<=t} (1 - beta_s) for the linear beta schedule 1e-4 .. 0.02 (float64)."""
-    betas = torch.linspace(1e-4, 0.02, num_timesteps, dtype=torch.float64)
-    return torch.cumprod(1 - betas, dim=0)
+def make_schedule(kind="linear", num_timesteps=NUM_TIMESTEPS):
+    """alpha_bar_t for t = 0 .. T-1 (float64): `linear` betas 1e-4 .. 0.02 (DDPM, DiT), `cosine`
+    (Nichol & Dhariwal), or `zsnr`: the linear one rescaled so the last step is pure noise (Lin et al.)."""
+    if kind == "cosine":
+        f = torch.cos((torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps + 0.008) / 1.008 * math.pi / 2) ** 2
+        betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
+    else:
+        betas = torch.linspace(1e-4, 0.02, num_timesteps, dtype=torch.float64)
+    alphas_cumprod = torch.cumprod(1 - betas, dim=0)
+    if kind == "zsnr":   # shift and scale sqrt(alpha_bar) so it ends at exactly 0 and starts where it did
+        s = alphas_cumprod.sqrt()
+        alphas_cumprod = ((s - s[-1]) * s[0] / (s[0] - s[-1])) ** 2
+    return alphas_cumprod
 
 
 def q_sample(x0, t, noise, alphas_cumprod):
@@ -225,60 +237,93 @@ def q_sample(x0, t, noise, alphas_cumprod):
     return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
 
+def training_target(x0, noise, a, target):
+    """What the network learns to output: the noise `eps`, the clean latent `x0`, or the velocity
+    v = sqrt(a) eps - sqrt(1 - a) x0 (Salimans & Ho); a = alpha_bar_t, shaped to broadcast."""
+    if target == "eps":
+        return noise
+    if target == "x0":
+        return x0
+    return a.sqrt() * noise - (1 - a).sqrt() * x0
+
+
+def loss_weight(a, target, min_snr_gamma):
+    """Per-example weight of the MSE: 1, or min-SNR-gamma (Hang et al.): the weight of the x0 error
+    becomes min(SNR, gamma), where SNR = a / (1 - a); divided by what each target already carries."""
+    if not min_snr_gamma:
+        return torch.ones_like(a)
+    snr = a / (1 - a).clamp_min(1e-20)
+    clipped = snr.clamp(max=min_snr_gamma)
+    return {"eps": clipped / snr.clamp_min(1e-20), "x0": clipped, "v": clipped / (snr + 1)}[target]
+
+
+def sample_timesteps(n, kind, generator, num_timesteps=NUM_TIMESTEPS):
+    """(n,) training steps: `uniform`, or `logit-normal` (SD3: t / T = sigmoid(u), u ~ N(0, 1))."""
+    if kind == "uniform":
+        return torch.randint(0, num_timesteps, (n,), generator=generator)
+    u = torch.sigmoid(torch.randn(n, generator=generator))
+    return (u * num_timesteps).long().clamp(0, num_timesteps - 1)
+
+
+def to_x0_eps(out, x_t, a_t, target):
+    """The network's output at x_t -> (predicted x0, predicted eps), whichever target it learned."""
+    if target == "eps":
+        return (x_t - (1 - a_t) ** 0.5 * out) / a_t ** 0.5, out
+    if target == "x0":
+        return out, (x_t - a_t ** 0.5 * out) / (1 - a_t) ** 0.5
+    return a_t ** 0.5 * x_t - (1 - a_t) ** 0.5 * out, (1 - a_t) ** 0.5 * x_t + a_t ** 0.5 * out
+
+
 def respaced_timesteps(num_steps, num_timesteps=NUM_TIMESTEPS):
     """num_steps of the training steps, evenly spread, from the noisiest down: e.g. [999, 979, ..., 0]."""
     return np.linspace(0, num_timesteps - 1, num_steps).round().astype(np.int64)[::-1].tolist()
 
 
-def predict_x0(x_t, eps, a_t):
-    return (x_t - (1 - a_t) ** 0.5 * eps) / a_t ** 0.5
-
-
-def ddpm_step(x_t, eps, a_t, a_prev, noise):
-    """Ancestral sampling from the posterior q(x_prev | x_t, x0) with x0 predicted from eps.
+def ddpm_step(x_t, x0, a_t, a_prev, noise):
+    """Ancestral sampling from the posterior q(x_prev | x_t, x0) with the predicted x0.
     a_t, a_prev: alpha_bar of this and the next (respaced) step; beta = 1 - a_t / a_prev."""
     beta = 1 - a_t / a_prev
-    x0 = predict_x0(x_t, eps, a_t)
     mean = (a_prev ** 0.5 * beta / (1 - a_t)) * x0 + ((1 - beta) ** 0.5 * (1 - a_prev) / (1 - a_t)) * x_t
     variance = beta * (1 - a_prev) / (1 - a_t)
     return mean + variance ** 0.5 * noise
 
 
-def ddim_step(x_t, eps, a_t, a_prev, noise, eta=0.0):
+def ddim_step(x_t, x0, eps, a_t, a_prev, noise, eta=0.0):
     """DDIM: move to the predicted x0, re-noised to step a_prev; eta=0 is deterministic, eta=1 is DDPM."""
     sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
-    x0 = predict_x0(x_t, eps, a_t)
     return a_prev ** 0.5 * x0 + (1 - a_prev - sigma ** 2) ** 0.5 * eps + sigma * noise
 
 
-def guided_eps(model, x, t, labels, cfg_scale):
-    """Classifier-free guidance: eps_uncond + s * (eps_cond - eps_uncond), both passes in one batch;
-    s = 1 is the conditional model alone (one pass)."""
+def guided_output(model, x, t, labels, cfg_scale):
+    """Classifier-free guidance: out_uncond + s * (out_cond - out_uncond), both passes in one batch;
+    s = 1 is the conditional model alone (one pass). The target conversions are affine in the output
+    with weights summing to one, so guiding eps, x0 or v gives the same x0 and eps."""
     with autocast(x.device):
         if cfg_scale == 1.0:
             return model(x, t, labels).float()
         null = torch.full_like(labels, model.num_classes)
-        eps_cond, eps_uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null])).float().chunk(2)
-    return eps_uncond + cfg_scale * (eps_cond - eps_uncond)
+        out_cond, out_uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null])).float().chunk(2)
+    return out_uncond + cfg_scale * (out_cond - out_uncond)
 
 
 @torch.no_grad()
 def sample_latents(model, labels, num_steps=50, sampler="ddpm", eta=0.0, cfg_scale=1.0, generator=None,
-                   shape=None, alphas_cumprod=None):
+                   shape=None, schedule="linear", target="eps"):
     """Run the reverse process from pure noise to standardised latents (N, C, H, W).
     With cfg_scale != 1, the conditional and the unconditional (null label) passes run as one batch."""
     device, n = labels.device, len(labels)
-    alphas_cumprod = make_schedule() if alphas_cumprod is None else alphas_cumprod
+    alphas_cumprod = make_schedule(schedule)
     x = torch.randn((n, *shape), generator=generator).to(device)
     steps = respaced_timesteps(num_steps, len(alphas_cumprod))
     for i, t in enumerate(steps):
         a_t = alphas_cumprod[t].item()
         a_prev = alphas_cumprod[steps[i + 1]].item() if i + 1 < len(steps) else 1.0
-        eps = guided_eps(model, x, torch.full((n,), t, device=device, dtype=torch.long), labels, cfg_scale)
+        out = guided_output(model, x, torch.full((n,), t, device=device, dtype=torch.long), labels, cfg_scale)
+        x0, eps = to_x0_eps(out, x, a_t, target)
         noise = torch.randn(x.shape, generator=generator).to(device)
         if i + 1 == len(steps):
             noise = torch.zeros_like(noise)   # the last step adds no noise
-        x = ddpm_step(x, eps, a_t, a_prev, noise) if sampler == "ddpm" else ddim_step(x, eps, a_t, a_prev, noise, eta)
+        x = ddpm_step(x, x0, a_t, a_prev, noise) if sampler == "ddpm" else ddim_step(x, x0, eps, a_t, a_prev, noise, eta)
     return x
 
 
@@ -292,30 +337,41 @@ def decode_latents(decoder, z, latent_stats):
 # -----------------------------------------------------------------------------
 # The latent cache and training
 
+def load_autoencoder(path):
+    """A finished autoencoder.pt (with its latent statistics) and its sha256, which ties a DiT to it."""
+    ae = load_checkpoint(path, stage=2)
+    if ae["latent_stats"] is None:
+        raise UserError(f"{path} is unfinished (stopped at step {ae['step']}, no latent statistics yet): "
+                        f"finish it with stage2_decoder.py --resume")
+    return ae, file_digest(path, "sha256")
+
+
 @torch.no_grad()
-def build_latent_cache(autoencoder_path, device, batch_size=500):
-    """Encode the training set and its horizontal flips once; standardise; reuse while autoencoder.pt is unchanged."""
-    autoencoder_path = Path(autoencoder_path)
-    cache_path = autoencoder_path.with_name("latents.pt")
-    digest = hashlib.sha256(autoencoder_path.read_bytes()).hexdigest()
+def build_latent_cache(ae, digest, cache_path, device, batch_size=500):
+    """Encode the training set once (and its horizontal flips, unless stage 1 turned flips off);
+    standardise; reuse while autoencoder.pt is unchanged. A damaged cache is built again."""
     if cache_path.exists():
-        cache = torch.load(cache_path, weights_only=True)
-        if cache.get("autoencoder_sha256") == digest:
-            return cache
-    ae = load_checkpoint(autoencoder_path, stage=2)
-    encoder = Encoder(**autoencoder_kwargs(ae["config"])).to(device).eval()
+        try:
+            cache = torch.load(cache_path, weights_only=True)
+            if cache.get("autoencoder_sha256") == digest:
+                return cache
+        except Exception:
+            print(f"{cache_path} is damaged; encoding the latents again", file=sys.stderr)
+    config = ae["config"]
+    encoder = Encoder(**autoencoder_kwargs(config)).to(device).eval()
     encoder.load_state_dict(ae["encoder"])
-    data = load_data(ae["config"]["data"], ae["config"]["data_dir"], "train", ae["config"]["image_size"])
+    data = load_data(config["data"], config["data_dir"], "train", config["image_size"])
     mean, std = (ae["latent_stats"][k][None, :, None, None] for k in ("mean", "std"))
+    flips = (False, True) if config.get("flip", True) else (False,)
     latents = []
-    for flip in (False, True):
+    for flip in flips:
         for i in tqdm(range(0, len(data.images), batch_size), desc=f"encoding latents{' (flipped)' if flip else ''}"):
             x = to_model_input(data.images[i:i + batch_size]).to(device)
             with autocast(device):
                 z = encoder(x.flip(3) if flip else x).float().cpu()
             latents.append((z - mean) / std)
-    cache = {"autoencoder_sha256": digest, "latents": torch.cat(latents), "labels": data.labels.repeat(2),
-             "class_names": data.class_names}
+    cache = {"autoencoder_sha256": digest, "latents": torch.cat(latents), "labels": data.labels.repeat(len(flips)),
+             "class_names": data.class_names, "flip": len(flips) == 2}
     save_checkpoint(cache, cache_path)
     return cache
 
@@ -331,41 +387,51 @@ def lr_at(step, config):
     return config["lr"] * min(1.0, (step + 1) / max(1, config["warmup"]))
 
 
-def setup_distributed():
+def setup_distributed(device_name):
     """(rank, world_size): torchrun sets RANK and WORLD_SIZE; a plain `python` run is rank 0 of 1."""
     if "RANK" not in os.environ:
         return 0, 1
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if torch.cuda.is_available():
+    cuda = torch.cuda.is_available() and device_name != "cpu"
+    dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     return dist.get_rank(), dist.get_world_size()
 
 
 def train(args):
-    rank, world = setup_distributed()
+    run = Path(args.run)
+    ae_path, ckpt_path, log_path = (run / "autoencoder.pt").resolve(), run / "dit.pt", run / "log_dit.jsonl"
+    ae, ae_digest = load_autoencoder(ae_path)
+    if args.resume:
+        ckpt = resume_checkpoint(ckpt_path, log_path, stage=3, steps=args.steps)
+        config = ckpt["config"]
+        if ckpt.get("autoencoder_sha256") != ae_digest:
+            raise UserError(f"{ae_path} is not the autoencoder {ckpt_path} was trained on (its sha256 differs): "
+                            f"resuming would train on another latent space; start a new run instead")
+    else:
+        latent_size = ae["config"]["image_size"] // 2 ** (len(ae["config"]["ch_mult"]) - 1)
+        config = dict(model=args.model, patch=args.patch, input_size=latent_size,
+                      in_channels=ae["config"]["latent_channels"], attn=args.attn, lr=args.lr,
+                      batch_size=args.batch_size, warmup=args.warmup, grad_clip=args.grad_clip,
+                      ema_decay=args.ema_decay, class_dropout=args.class_dropout, seed=args.seed,
+                      target=args.target, schedule=args.schedule, min_snr_gamma=args.min_snr_gamma,
+                      t_sampling=args.t_sampling, beta2=args.beta2,
+                      autoencoder_path=str(ae_path))
+    if config["patch"] < 1 or config["input_size"] % config["patch"]:
+        raise UserError(f"--patch {config['patch']} does not divide the {config['input_size']}x{config['input_size']} latent")
+    if config["target"] == "eps" and config["schedule"] == "zsnr":
+        raise UserError("--schedule zsnr ends in pure noise, from which the noise alone cannot give x0: use --target v")
+    rank, world = setup_distributed(args.device)
     device = pick_device(args.device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", torch.cuda.current_device())
-    run = Path(args.run)
-    ae_path, ckpt_path, log_path = (run / "autoencoder.pt").resolve(), run / "dit.pt", run / "log_dit.jsonl"
-    ae = load_checkpoint(ae_path, stage=2)
-    cache = build_latent_cache(ae_path, device) if rank == 0 else None
+    run = prepare_run(run)
+    cache_path = run / "latents.pt"
+    cache = build_latent_cache(ae, ae_digest, cache_path, device) if rank == 0 else None
     if world > 1:
         dist.barrier()   # rank 0 has written the cache; the other ranks read it
-        cache = cache or build_latent_cache(ae_path, device)
-
-    if args.resume:
-        ckpt = load_checkpoint(ckpt_path, stage=3)
-        config = ckpt["config"]
-    else:
-        _, C, H, _ = cache["latents"].shape
-        config = dict(model=args.model, patch=args.patch, input_size=H, in_channels=C, attn=args.attn,
-                      num_classes=len(cache["class_names"]), class_names=cache["class_names"], lr=args.lr,
-                      batch_size=args.batch_size, warmup=args.warmup, grad_clip=args.grad_clip,
-                      ema_decay=args.ema_decay, class_dropout=args.class_dropout, seed=args.seed,
-                      autoencoder_path=str(ae_path))
-    if config["input_size"] % config["patch"]:
-        raise UserError(f"--patch {config['patch']} does not divide the {config['input_size']}x{config['input_size']} latent")
+        cache = cache or build_latent_cache(ae, ae_digest, cache_path, device)
+    config.update(num_classes=len(cache["class_names"]), class_names=cache["class_names"])
     if config["batch_size"] % world:
         raise UserError(f"--batch-size {config['batch_size']} is not divisible by the {world} processes")
     local_batch = config["batch_size"] // world
@@ -373,14 +439,14 @@ def train(args):
     torch.manual_seed(config["seed"])
     model = build_dit(config).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=0.0, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], betas=(0.9, config["beta2"]), weight_decay=0.0,
+                                  fused=device.type == "cuda")
     step = 0
     if args.resume:
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        load_optimizer(optimizer, ckpt["optimizer"], device)
         step = ckpt["step"]
-        torch.set_rng_state(ckpt["rng_state"])
     elif rank == 0:
         log_path.unlink(missing_ok=True)
     if rank == 0:
@@ -392,47 +458,57 @@ def train(args):
     labels = cache["labels"][rank::world].to(device)
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     net = torch.compile(net) if args.compile else net
-    alphas_cumprod = make_schedule().to(device)
+    alphas_cumprod = make_schedule(config["schedule"]).to(device)
 
     def checkpoint(metrics):
         save_checkpoint({"stage": 3, "config": config, "model": model.state_dict(), "ema": ema.state_dict(),
-                         "optimizer": optimizer.state_dict(), "step": step, "rng_state": torch.get_rng_state(),
-                         "latent_stats": ae["latent_stats"], "autoencoder_path": str(ae_path),
-                         "metrics": metrics}, ckpt_path)
+                         "optimizer": optimizer.state_dict(), "step": step, "latent_stats": ae["latent_stats"],
+                         "autoencoder_path": str(ae_path), "autoencoder_sha256": ae_digest, "metrics": metrics},
+                        ckpt_path)
 
     progress = Progress(log_path, args.steps, step, config["batch_size"], args.log_every, "DiT") if rank == 0 else None
     model.train()
-    while step < args.steps:
-        # Every random draw of this step comes from its own generator: a resumed run repeats them exactly.
-        g = torch.Generator().manual_seed((config["seed"] * 1_000_003 + step) * 64 + rank)
-        idx = torch.randint(len(latents), (local_batch,), generator=g).to(device)
-        x0, y = latents[idx], drop_labels(labels[idx].cpu(), config["num_classes"], config["class_dropout"], g)
-        t = torch.randint(0, NUM_TIMESTEPS, (local_batch,), generator=g).to(device)
-        noise = torch.randn(x0.shape, generator=g).to(device)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, config)
-        with autocast(device):
-            loss = F.mse_loss(net(q_sample(x0, t, noise, alphas_cumprod), t, y.to(device)).float(), noise)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
-        optimizer.step()
-        # EMA warm-up: a short run's average does not start from (and stay near) the random init.
-        update_ema(ema, model, min(config["ema_decay"], (1 + step) / (10 + step)))
-        step += 1
+    try:
+        while step < args.steps:
+            # Every random draw of this step comes from its own generator: a resumed run repeats them exactly.
+            g = torch.Generator().manual_seed((config["seed"] * 1_000_003 + step) * 64 + rank)
+            idx = torch.randint(len(latents), (local_batch,), generator=g).to(device)
+            x0, y = latents[idx], drop_labels(labels[idx].cpu(), config["num_classes"], config["class_dropout"], g)
+            t = sample_timesteps(local_batch, config["t_sampling"], g).to(device)
+            noise = torch.randn(x0.shape, generator=g).to(device)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, config)
+            a = alphas_cumprod[t].float()[:, None, None, None]
+            target = training_target(x0, noise, a, config["target"])
+            with autocast(device):
+                out = net(q_sample(x0, t, noise, alphas_cumprod), t, y.to(device)).float()
+            loss = (loss_weight(a, config["target"], config["min_snr_gamma"]) * (out - target) ** 2).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
+            optimizer.step()
+            # EMA warm-up: a short run's average does not start from (and stay near) the random init.
+            update_ema(ema, model, min(config["ema_decay"], (1 + step) / (10 + step)))
+            step += 1
+            if rank == 0:
+                progress.update(step, loss=loss, grad_norm=grad_norm)
+                if step % args.ckpt_every == 0 and step < args.steps:
+                    progress.check_finite()
+                    checkpoint({})
+    except KeyboardInterrupt:
+        raise Interrupted(ckpt_path) from None
+    finally:
         if rank == 0:
-            progress.update(step, loss=loss, grad_norm=grad_norm)
-            if step % args.ckpt_every == 0 and step < args.steps:
-                checkpoint({})
+            progress.close()
     if rank == 0:
-        progress.close()
         checkpoint({"final_loss": loss.item()})
         decoder = Decoder(**autoencoder_kwargs(ae["config"])).to(device).eval()
         decoder.load_state_dict(ae["decoder"])
         ema.eval()
         y = torch.arange(config["num_classes"], device=device).repeat_interleave(8)
         z = sample_latents(ema, y, 25, "ddim", cfg_scale=2.0, generator=torch.Generator().manual_seed(0),
-                           shape=(config["in_channels"], config["input_size"], config["input_size"]))
+                           shape=(config["in_channels"], config["input_size"], config["input_size"]),
+                           schedule=config["schedule"], target=config["target"])
         save_grid(decode_latents(decoder, z, ae["latent_stats"]), run / "dit_samples.png", nrow=8)
         print(f"wrote {ckpt_path} and {run / 'dit_samples.png'} (25 DDIM steps, guidance 2)", file=sys.stderr)
     if world > 1:
@@ -490,19 +566,16 @@ def main(argv=None):
     p.add_argument("--model", choices=list(DIT_SIZES), default=MODEL, help="DiT size")
     p.add_argument("--patch", type=int, default=PATCH, help="patch size on the latent")
     p.add_argument("--attn", choices=["sdpa", "manual"], default="sdpa", help="fused SDPA or the hand-written attention")
-    p.add_argument("--steps", type=int, default=STEPS, help="total training steps")
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="latents per step (over all processes)")
-    p.add_argument("--lr", type=float, default=LR, help="peak AdamW learning rate")
     p.add_argument("--warmup", type=int, default=WARMUP, help="steps of linear learning-rate warm-up")
     p.add_argument("--grad-clip", type=float, default=GRAD_CLIP, help="gradient norm clipping")
     p.add_argument("--ema-decay", type=float, default=EMA_DECAY, help="decay of the EMA weights used for sampling")
+    p.add_argument("--target", choices=["eps", "v", "x0"], default="eps", help="what the DiT predicts")
+    p.add_argument("--schedule", choices=["linear", "cosine", "zsnr"], default="linear", help="noise schedule")
+    p.add_argument("--min-snr-gamma", type=float, default=0.0, help="min-SNR loss weighting gamma (0: off)")
+    p.add_argument("--t-sampling", choices=["uniform", "logit-normal"], default="uniform", help="training timesteps")
+    p.add_argument("--beta2", type=float, default=0.999, help="AdamW beta2")
     p.add_argument("--class-dropout", type=float, default=CLASS_DROPOUT, help="label dropout for guidance")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to train")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--resume", action="store_true", help="continue from RUN/dit.pt up to --steps")
-    p.add_argument("--log-every", type=int, default=50, help="steps between log lines")
-    p.add_argument("--ckpt-every", type=int, default=2000, help="steps between checkpoints")
+    add_training_flags(p, STEPS, BATCH_SIZE, LR, ckpt_every=2000, checkpoint="dit.pt")
     p.add_argument("--benchmark", action="store_true", help="time training steps on random latents and exit")
     p.add_argument("--benchmark-steps", type=int, default=20, help="timed steps per benchmark variant")
     p.add_argument("--benchmark-warmup", type=int, default=5, help="untimed steps first (compilation included)")
@@ -511,8 +584,11 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     # torchrun's own parser mistakes `--run` for its `--run-path`: `torchrun ... train_latent_dit.py -- --run DIR`
     args = p.parse_args(argv[1:] if argv[:1] == ["--"] else argv)
-    if args.steps < 1 or args.batch_size < 1:
-        raise UserError("--steps and --batch-size must be positive")
+    check_training_flags(args)
+    if args.patch < 1 or args.warmup < 0 or not args.grad_clip > 0 or args.min_snr_gamma < 0:
+        raise UserError("--patch must be positive, --warmup and --min-snr-gamma not negative, --grad-clip positive")
+    if not (0 <= args.ema_decay < 1 and 0 <= args.class_dropout < 1 and 0 < args.beta2 < 1):
+        raise UserError("--ema-decay, --class-dropout and --beta2 must lie in [0, 1)")
     benchmark(args) if args.benchmark else train(args)
 
 

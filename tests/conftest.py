@@ -20,16 +20,6 @@ def run_script(script, *args, cwd=None, check=True):
     return result
 
 
-def assert_user_error(result, *words):
-    """A user mistake ends with exit 1 and one 'error: ...' line naming the problem, never a traceback."""
-    assert result.returncode == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.strip().splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, result.stderr
-    for word in words:
-        assert word in lines[0], lines[0]
-
-
 @pytest.fixture(scope="session")
 def shapes_dir(tmp_path_factory):
     """A data folder holding the cached shapes dataset (built once: about 6 s)."""

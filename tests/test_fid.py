@@ -8,7 +8,7 @@ import torch
 
 import fid
 import stage1_encoder as s1
-from conftest import assert_user_error, run_script
+from conftest import run_script
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -51,7 +51,8 @@ def test_network_has_exactly_the_names_and_shapes_of_the_weights_file():
 
 def test_features_match_pytorch_fid(weights_file):
     with pytest.warns(UserWarning, match="not the official"):
-        model = fid.load_inception(weights_file)
+        model, digest = fid.load_inception(weights_file)
+    assert digest == s1.file_digest(weights_file, "sha256")[:8]
     images = np.load(FIXTURES / "images_seed0.npy")
     features, logits = fid.extract(model, images, torch.device("cpu"))
     expected = np.load(FIXTURES / "features_seed0_images0.npy")
@@ -127,16 +128,6 @@ def test_cli_with_weights_npz_folder_and_stats(weights_file, tmp_path):
     assert abs(float(result.stdout.strip().splitlines()[-1].split()[-1])) < 1e-3
 
 
-def test_cli_user_mistakes(tmp_path, weights_file):
-    np.savez(tmp_path / "bad.npz", x=np.zeros(3))
-    assert_user_error(run_script("fid.py", tmp_path / "bad.npz", tmp_path / "bad.npz", "--weights", weights_file,
-                                 check=False), "arr_0")
-    assert_user_error(run_script("fid.py", "nowhere.npz", "shapes", "--weights", weights_file, check=False),
-                      "neither")
-    assert_user_error(run_script("fid.py", "a.npz", "b.npz", "--weights", tmp_path / "missing.pth", check=False),
-                      "does not exist")
-
-
 def test_classifier_features(shapes_dir):
     model, ckpt = fid.load_classifier("shapes", shapes_dir, torch.device("cpu"), steps=300, batch_size=64)
     assert ckpt["test_accuracy"] > 0.9
@@ -152,6 +143,10 @@ def test_classifier_features(shapes_dir):
     d_bad = fid.frechet_distance(*fid.statistics(f_bad), *ref)
     assert d_real < 0.5 * d_bad, (d_real, d_bad)
     assert (logits.argmax(1) == test.labels[:2000].numpy()).mean() > 0.9
-    # cached: a second call loads the same classifier instead of training again
-    again, _ = fid.load_classifier("shapes", shapes_dir, torch.device("cpu"), steps=1)
+    # cached: a second call with the same settings loads the same classifier instead of training again
+    again, _ = fid.load_classifier("shapes", shapes_dir, torch.device("cpu"), steps=300)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    # other settings are another cache file: never a classifier trained some other way
+    assert fid.classifier_path("shapes", shapes_dir, 300, True).exists()
+    assert not fid.classifier_path("shapes", shapes_dir, 300, False).exists()
+    assert fid.classifier_path("shapes", shapes_dir, 1500, True) != fid.classifier_path("shapes", shapes_dir, 300, True)
