@@ -29,7 +29,7 @@ from stage1_encoder import (Decoder, Encoder, Interrupted, Progress, UserError, 
                             autoencoder_kwargs, check_training_flags, count_params, evaluate_reconstruction,
                             load_checkpoint, load_data, load_optimizer, pick_device, prepare_run,
                             reconstruction_loss, resume_checkpoint, run_cli, sample_batch, save_checkpoint,
-                            spread_indices, step_generator, to_model_input)
+                            save_grid, spread_indices, step_generator, to_model_input)
 
 # -----------------------------------------------------------------------------
 # Defaults: the recommended recipe (every one is a flag of main())
@@ -91,6 +91,35 @@ def latent_statistics(encoder, data, device, num=10_000, batch_size=500):
     return {"mean": mean.float().cpu(), "std": std.float().cpu(), "scale_factor": float(1 / overall_std)}
 
 
+@torch.no_grad()
+def show_latents(encoder, data, stats, device, path, num=8):
+    """How simple is the latent? (1) a picture: `num` test images, each beside every channel of its
+    standardised latent in grey (-3 std black .. +3 std white); (2) a number: the share of the latent's
+    spatial spectral energy at high frequencies (above half the Nyquist frequency; mean per image and
+    channel removed). Smooth latents, which diffuse more easily, have a small share; white noise has
+    `high_frequency_share(torch.randn(...))`, about 0.81 at 8x8."""
+    images = data.images[spread_indices(len(data.images), 1000)]
+    mean, std = stats["mean"][None, :, None, None], stats["std"][None, :, None, None]
+    z = torch.cat([encoder(to_model_input(images[i:i + 250]).to(device)).float().cpu()
+                   for i in range(0, len(images), 250)])
+    z = (z - mean) / std                                                        # (N, C, h, w)
+    shown, scale = z[spread_indices(len(z), num)], images.shape[1] // z.shape[2]
+    grey = ((shown.clamp(-3, 3) + 3) * 42.5).round().to(torch.uint8)          # (n, C, h, w) in 0..255
+    grey = grey.repeat_interleave(scale, 2).repeat_interleave(scale, 3)       # nearest upsampling to the image size
+    tiles = torch.cat([images[spread_indices(len(z), num)][:, None],
+                       grey[..., None].expand(-1, -1, -1, -1, 3)], 1)          # (n, 1 + C, H, W, 3)
+    save_grid(tiles.flatten(0, 1), path, nrow=1 + z.shape[1], scale=3)
+    return high_frequency_share(z)
+
+
+def high_frequency_share(z):
+    """Share of the spectral energy of (N, C, h, w) latents at spatial frequencies above half the Nyquist one."""
+    power = torch.fft.fft2(z - z.mean((2, 3), keepdim=True)).abs().pow(2)     # (N, C, h, w)
+    fy, fx = torch.fft.fftfreq(z.shape[2]), torch.fft.fftfreq(z.shape[3])     # cycles per latent pixel, up to 0.5
+    high = (fy[:, None] ** 2 + fx[None, :] ** 2).sqrt() > 0.25
+    return float(power[..., high].sum() / power.sum())
+
+
 # -----------------------------------------------------------------------------
 # Training
 
@@ -100,7 +129,7 @@ def train(args):
     stage1 = load_checkpoint(stage1_path, stage=1)
     run = prepare_run(args.run)
     ckpt_path, log_path = run / "autoencoder.pt", run / "log_stage2.jsonl"
-    if not stage1.get("finished"):
+    if not stage1.get("finished", bool(stage1["metrics"])):   # older checkpoints: metrics only once finished
         raise UserError(f"{stage1_path} stopped at step {stage1['step']} of {stage1.get('total_steps', '?')}: "
                         f"finish it first (stage1_encoder.py --run {run} --resume)")
 
@@ -110,7 +139,8 @@ def train(args):
     else:
         config = dict(stage1["config"], stage2_lr=args.lr, stage2_batch_size=args.batch_size,
                       stage2_seed=args.seed, joint=args.joint, gan_weight=args.gan_weight,
-                      gan_start=args.gan_start, stage1_steps=stage1["step"])
+                      gan_start=args.gan_start, stage1_steps=stage1["step"],
+                      decoder_init="fresh" if args.fresh_decoder or stage1["config"]["aux_width"] != 1 else "aux")
     joint = config["joint"]
     if joint and (config["aux_dropout"] != 0 or config["aux_width"] != 1):
         raise UserError(f"--joint continues an unweakened stage 1, but {stage1_path} was trained with "
@@ -126,9 +156,11 @@ def train(args):
         decoder = Decoder(**autoencoder_kwargs(config)).to(device)
         decoder.load_state_dict(stage1["aux_decoder"])
         params = list(encoder.parameters()) + list(decoder.parameters())
-    else:       # DAE: the encoder is frozen, a fresh full-strength decoder (no dropout, full width) learns
+    else:       # DAE: the encoder is frozen, a full-strength decoder (no dropout, full width) learns
         encoder.requires_grad_(False)
         decoder = Decoder(**autoencoder_kwargs(config)).to(device)
+        if config["decoder_init"] == "aux":   # dropout-only weakening: the same shapes, so start from the aux decoder
+            decoder.load_state_dict(stage1["aux_decoder"])
         params = list(decoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=config["stage2_lr"], weight_decay=0.0, fused=device.type == "cuda")
     if joint and not args.resume:
@@ -211,11 +243,12 @@ def train(args):
         raise UserError(f"the latents of {stage1_path} are not finite or constant (std {stats['std'].tolist()}): "
                         f"train stage 1 again with a lower --lr; {ckpt_path} was not written")
     metrics = {"test_psnr": evaluate_reconstruction(encoder, decoder, test_data, device, run / "stage2_recon.png"),
-               "stage1_test_psnr_aux": stage1["metrics"].get("test_psnr_aux")}
+               "stage1_test_psnr_aux": stage1["metrics"].get("test_psnr_aux"),
+               "latent_high_freq": show_latents(encoder, test_data, stats, device, run / "latents.png")}
     checkpoint(metrics, stats)
     print(f"wrote {ckpt_path}: test PSNR {metrics['test_psnr']:.2f} dB, latent std per channel "
-          f"{[round(v, 3) for v in stats['std'].tolist()]}, scale factor {stats['scale_factor']:.4f}",
-          file=sys.stderr)
+          f"{[round(v, 3) for v in stats['std'].tolist()]}, high-frequency share of the latent "
+          f"{metrics['latent_high_freq']:.3f} (picture: {run / 'latents.png'})", file=sys.stderr)
 
 
 def main(argv=None):
@@ -224,6 +257,8 @@ def main(argv=None):
     p.add_argument("--run", default="runs/shapes", help="run folder: reads stage1.pt, writes autoencoder.pt")
     p.add_argument("--joint", action="store_true",
                    help="the baseline: keep training encoder and stage-1 decoder together instead of freezing")
+    p.add_argument("--fresh-decoder", action="store_true",
+                   help="DAE: start the decoder from random weights, not from the auxiliary decoder (when its width is full)")
     p.add_argument("--gan-weight", type=float, default=GAN_WEIGHT, help="weight of the PatchGAN hinge loss (0: off)")
     p.add_argument("--gan-start", type=int, default=GAN_START, help="step at which the adversarial loss starts")
     add_training_flags(p, STEPS, BATCH_SIZE, LR, ckpt_every=1000, checkpoint="autoencoder.pt")

@@ -158,3 +158,18 @@ def test_two_process_gloo_run(autoencoder_run, tmp_path):
     assert torch.load(run / "dit.pt", weights_only=True)["step"] == 6
     assert sorted(p.name for p in run.iterdir() if p.suffix == ".pt") == ["autoencoder.pt", "dit.pt", "latents.pt"]
     assert len(read_log(run / "log_dit.jsonl")) == 1   # one writer: rank 0
+
+
+@pytest.mark.parametrize("target", ["eps", "v"])
+def test_min_snr_weighting_is_the_clipped_snr_on_the_x0_error(target):
+    # min-SNR-gamma: whatever the target, the weighted loss equals min(SNR, gamma) * (x0_hat - x0)^2.
+    alphas_cumprod = dit.make_schedule()
+    t = torch.tensor([10, 200, 500, 900])
+    a = alphas_cumprod[t].double()[:, None, None, None]
+    x0, noise, out = torch.randn(3, 4, 4, 8, 8, dtype=torch.float64).unbind(0)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    weighted = dit.loss_weight(a, target, 5.0) * (out - dit.training_target(x0, noise, a, target)) ** 2
+    x0_hat, _ = dit.to_x0_eps(out, x_t, a, target)
+    snr = a / (1 - a)
+    torch.testing.assert_close(weighted, snr.clamp(max=5.0) * (x0_hat - x0) ** 2)
+    assert torch.equal(dit.loss_weight(a, target, 0.0), torch.ones_like(a))   # 0: plain MSE
