@@ -183,7 +183,7 @@ def train(args):
     try:
         while step < args.steps:
             x, _ = sample_batch(train_data, config["batch_size"], step_generator(config["seed"], step, stage=1),
-                                flip=config["flip"])
+                                flip=config.get("flip", True))
             x = x.to(device, non_blocking=True)
             with autocast(device):
                 loss = reconstruction_loss(decode(encode(x)), x, config["loss"])
@@ -650,6 +650,7 @@ def rng_state():
 
 
 def set_rng_state(state):
+    state = [state] if torch.is_tensor(state) else state   # older checkpoints saved the CPU state alone
     torch.set_rng_state(state[0])
     if len(state) > 1 and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state[1:])

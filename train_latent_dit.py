@@ -43,6 +43,9 @@ WARMUP = 500            # steps of linear learning-rate warm-up
 GRAD_CLIP = 1.0
 EMA_DECAY = 0.9999
 CLASS_DROPOUT = 0.1     # labels replaced by the null label, for classifier-free guidance
+TARGET = "v"            # the DiT predicts the velocity v (measured faster than the noise eps: README)
+MIN_SNR_GAMMA = 5.0     # min-SNR-gamma loss weighting (Hang et al. 2023; 0: plain MSE)
+T_SAMPLING = "logit-normal"   # training timesteps t / T = sigmoid(N(0, 1)) (SD3), not uniform
 NUM_TIMESTEPS = 1000
 
 DIT_SIZES = {           # depth, hidden size, heads
@@ -391,8 +394,9 @@ def train(args):
     ae, ae_digest = load_autoencoder(ae_path)
     if args.resume:
         ckpt = resume_checkpoint(ckpt_path, log_path, stage=3, steps=args.steps)
-        config = ckpt["config"]
-        if ckpt.get("autoencoder_sha256") != ae_digest:
+        config = dict(target="eps", min_snr_gamma=0.0, schedule="linear", t_sampling="uniform", beta2=0.999,
+                      **ckpt["config"])   # a checkpoint from before these options trained with these values
+        if ckpt.get("autoencoder_sha256", ae_digest) != ae_digest:
             raise UserError(f"{ae_path} is not the autoencoder {ckpt_path} was trained on (its sha256 differs): "
                             f"resuming would train on another latent space; start a new run instead")
     else:
@@ -546,10 +550,10 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=WARMUP, help="steps of linear learning-rate warm-up")
     p.add_argument("--grad-clip", type=float, default=GRAD_CLIP, help="gradient norm clipping")
     p.add_argument("--ema-decay", type=float, default=EMA_DECAY, help="decay of the EMA weights used for sampling")
-    p.add_argument("--target", choices=["eps", "v"], default="eps", help="what the DiT predicts: noise or velocity")
+    p.add_argument("--target", choices=["eps", "v"], default=TARGET, help="what the DiT predicts: noise or velocity")
     p.add_argument("--schedule", choices=["linear", "cosine"], default="linear", help="noise schedule")
-    p.add_argument("--min-snr-gamma", type=float, default=0.0, help="min-SNR loss weighting gamma (0: off)")
-    p.add_argument("--t-sampling", choices=["uniform", "logit-normal"], default="uniform", help="training timesteps")
+    p.add_argument("--min-snr-gamma", type=float, default=MIN_SNR_GAMMA, help="min-SNR loss weighting gamma (0: off)")
+    p.add_argument("--t-sampling", choices=["uniform", "logit-normal"], default=T_SAMPLING, help="how training timesteps are drawn")
     p.add_argument("--beta2", type=float, default=0.999, help="AdamW beta2")
     p.add_argument("--class-dropout", type=float, default=CLASS_DROPOUT, help="label dropout for guidance")
     add_training_flags(p, STEPS, BATCH_SIZE, LR, ckpt_every=2000, checkpoint="dit.pt")

@@ -173,3 +173,13 @@ def test_min_snr_weighting_is_the_clipped_snr_on_the_x0_error(target):
     snr = a / (1 - a)
     torch.testing.assert_close(weighted, snr.clamp(max=5.0) * (x0_hat - x0) ** 2)
     assert torch.equal(dit.loss_weight(a, target, 0.0), torch.ones_like(a))   # 0: plain MSE
+
+
+def test_timestep_sampling():
+    g = torch.Generator().manual_seed(0)
+    uniform = dit.sample_timesteps(100_000, "uniform", g).float()
+    logit = dit.sample_timesteps(100_000, "logit-normal", g).float()
+    assert uniform.min() == 0 and uniform.max() == 999 and abs((uniform < 100).float().mean() - 0.1) < 0.005
+    # t / T = sigmoid(u), u ~ N(0, 1): median at the middle, P(t < 100) = P(u < logit(0.1)) = 1.4%
+    assert abs(logit.median() - 500) < 5 and abs((logit < 100).float().mean() - 0.0139) < 0.002
+    assert logit.min() >= 0 and logit.max() <= 999

@@ -150,3 +150,24 @@ def test_classifier_features(shapes_dir):
     assert fid.classifier_path("shapes", shapes_dir, 300, True).exists()
     assert not fid.classifier_path("shapes", shapes_dir, 300, False).exists()
     assert fid.classifier_path("shapes", shapes_dir, 1500, True) != fid.classifier_path("shapes", shapes_dir, 300, True)
+
+
+def test_damaged_caches_are_computed_again(shapes_dir, tmp_path, capsys):
+    import argparse
+
+    class Tiny(torch.nn.Module):   # features: the first five pixel values
+        def forward(self, x):
+            return x.flatten(1)[:, :5], x.flatten(1)[:, :5]
+    args = argparse.Namespace(data_dir=str(tmp_path), split="train", feature_tag="tiny", is_score=False, batch_size=10)
+    images = np.random.default_rng(0).integers(0, 256, (20, 32, 32, 3), dtype=np.uint8)
+    cache = tmp_path / "fid_stats_shapes_train_tiny.npz"
+    cache.write_bytes(b"damaged")
+    mu, sigma, _, _ = fid.source_statistics(("images", images, None, "shapes"), Tiny(), args, torch.device("cpu"))
+    assert "damaged" in capsys.readouterr().err
+    with np.load(cache) as f:
+        assert np.array_equal(f["mu"], mu) and np.array_equal(f["sigma"], sigma)
+    path = fid.classifier_path("shapes", shapes_dir, 5, True)
+    path.write_bytes(b"damaged")
+    _, ckpt = fid.load_classifier("shapes", shapes_dir, torch.device("cpu"), steps=5)
+    assert "damaged" in capsys.readouterr().err and "test_accuracy" in ckpt
+    torch.load(path, weights_only=True)   # a readable classifier replaced the damaged file

@@ -211,3 +211,12 @@ def test_resume_continues_the_step_count(tmp_path, shapes_dir):
     # the resumed run saw the same batches and dropout masks as the uninterrupted one
     for name in a["encoder"]:
         torch.testing.assert_close(a["encoder"][name], b["encoder"][name])
+
+
+def test_any_width_gets_a_group_count_that_divides_it():
+    # --channels 128 --aux-width 0.6: 152 channels, which 32 groups cannot split; 19 groups of 8 can
+    decoder = s1.Decoder(channels=128, width=0.6)
+    norms = [m for m in decoder.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert any(m.num_channels == 152 and m.num_groups == 19 for m in norms)
+    assert all(m.num_channels % m.num_groups == 0 and m.num_channels // m.num_groups >= 4 for m in norms)
+    assert decoder(torch.randn(1, 4, 8, 8)).shape == (1, 3, 32, 32)

@@ -28,6 +28,7 @@ def test_dae_freezes_the_encoder_and_the_decoder_learns(stage1_runs, tmp_path):
     before = torch.load(run / "stage1.pt", weights_only=True)
     after = torch.load(run / "autoencoder.pt", weights_only=True)
     assert after["stage"] == 2 and not after["config"]["joint"]
+    assert after["config"]["decoder_init"] == "fresh"   # --aux-width 0.5: other shapes, a fresh decoder
     assert before["encoder"].keys() == after["encoder"].keys()
     for name, value in before["encoder"].items():
         assert torch.equal(value, after["encoder"][name]), name   # bit for bit
@@ -82,3 +83,28 @@ def test_hinge_and_latent_statistics():
     picked = [round(i * 63 / 19) for i in range(20)]   # first to last: every class of a class-sorted folder
     torch.testing.assert_close(spread["mean"], torch.tensor([0.0, 3.0]) + 2 * x[picked].mean(), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(spread["mean"], torch.tensor([0.0, 3.0]) + 2 * x[:20].mean())   # not the first 20
+
+
+def test_dae_decoder_starts_from_the_aux_decoder_when_only_dropout_weakened_it(stage1_runs, tmp_path):
+    # full width (dropout-only weakening): the same shapes, so stage 2 continues the aux decoder's weights
+    for fresh in (False, True):
+        run = copy_run(stage1_runs / "joint", tmp_path / f"run{fresh}", "stage1.pt")
+        s2.main(["--run", str(run), "--steps", "1", "--lr", "1e-12", "--batch-size", "4"]
+                + ["--fresh-decoder"] * fresh)
+        aux = torch.load(run / "stage1.pt", weights_only=True)["aux_decoder"]
+        after = torch.load(run / "autoencoder.pt", weights_only=True)
+        assert after["config"]["decoder_init"] == ("fresh" if fresh else "aux")
+        same = all(torch.allclose(v, after["decoder"][k], atol=1e-6) for k, v in aux.items() if v.is_floating_point())
+        assert same != fresh
+        assert 0 < after["metrics"]["latent_high_freq"] < 1 and (run / "latents.png").exists()
+
+
+def test_high_frequency_share():
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(500, 4, 8, 8, generator=g)
+    smooth = torch.nn.functional.interpolate(torch.randn(500, 4, 2, 2, generator=g), size=(8, 8), mode="bilinear",
+                                             align_corners=True)
+    checker = (torch.arange(8)[:, None] + torch.arange(8)[None]) % 2 * 2.0 - 1   # the highest frequency only
+    assert s2.high_frequency_share(noise) == pytest.approx(51 / 63, abs=0.02)   # 51 of the 63 non-constant frequencies
+    assert s2.high_frequency_share(smooth) < 0.3
+    assert s2.high_frequency_share(checker.expand(1, 1, 8, 8)) == pytest.approx(1.0)
