@@ -394,8 +394,7 @@ def train(args):
     ae, ae_digest = load_autoencoder(ae_path)
     if args.resume:
         ckpt = resume_checkpoint(ckpt_path, log_path, stage=3, steps=args.steps)
-        config = dict(target="eps", min_snr_gamma=0.0, schedule="linear", t_sampling="uniform", beta2=0.999,
-                      **ckpt["config"])   # a checkpoint from before these options trained with these values
+        config = dict(target="eps", min_snr_gamma=0.0, schedule="linear", t_sampling="uniform", **ckpt["config"])   # a checkpoint from before these options trained with these values
         if ckpt.get("autoencoder_sha256", ae_digest) != ae_digest:
             raise UserError(f"{ae_path} is not the autoencoder {ckpt_path} was trained on (its sha256 differs): "
                             f"resuming would train on another latent space; start a new run instead")
@@ -406,7 +405,7 @@ def train(args):
                       batch_size=args.batch_size, warmup=args.warmup, grad_clip=args.grad_clip,
                       ema_decay=args.ema_decay, class_dropout=args.class_dropout, seed=args.seed,
                       target=args.target, schedule=args.schedule, min_snr_gamma=args.min_snr_gamma,
-                      t_sampling=args.t_sampling, beta2=args.beta2,
+                      t_sampling=args.t_sampling,
                       autoencoder_path=str(ae_path))
     if config["patch"] < 1 or config["input_size"] % config["patch"]:
         raise UserError(f"--patch {config['patch']} does not divide the {config['input_size']}x{config['input_size']} latent")
@@ -428,8 +427,7 @@ def train(args):
     torch.manual_seed(config["seed"])
     model = build_dit(config).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], betas=(0.9, config["beta2"]), weight_decay=0.0,
-                                  fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=0.0, fused=device.type == "cuda")
     step = 0
     if args.resume:
         model.load_state_dict(ckpt["model"])
@@ -554,7 +552,6 @@ def main(argv=None):
     p.add_argument("--schedule", choices=["linear", "cosine"], default="linear", help="noise schedule")
     p.add_argument("--min-snr-gamma", type=float, default=MIN_SNR_GAMMA, help="min-SNR loss weighting gamma (0: off)")
     p.add_argument("--t-sampling", choices=["uniform", "logit-normal"], default=T_SAMPLING, help="how training timesteps are drawn")
-    p.add_argument("--beta2", type=float, default=0.999, help="AdamW beta2")
     p.add_argument("--class-dropout", type=float, default=CLASS_DROPOUT, help="label dropout for guidance")
     add_training_flags(p, STEPS, BATCH_SIZE, LR, ckpt_every=2000, checkpoint="dit.pt")
     p.add_argument("--benchmark", action="store_true", help="time training steps on random latents and exit")
@@ -566,8 +563,8 @@ def main(argv=None):
     check_training_flags(args)
     if args.patch < 1 or args.warmup < 0 or not args.grad_clip > 0 or args.min_snr_gamma < 0:
         raise UserError("--patch must be positive, --warmup and --min-snr-gamma not negative, --grad-clip positive")
-    if not (0 <= args.ema_decay < 1 and 0 <= args.class_dropout < 1 and 0 < args.beta2 < 1):
-        raise UserError("--ema-decay, --class-dropout and --beta2 must lie in [0, 1)")
+    if not (0 <= args.ema_decay < 1 and 0 <= args.class_dropout < 1):
+        raise UserError("--ema-decay and --class-dropout must lie in [0, 1)")
     benchmark(args) if args.benchmark else train(args)
 
 
