@@ -394,7 +394,8 @@ def train(args):
     ae, ae_digest = load_autoencoder(ae_path)
     if args.resume:
         ckpt = resume_checkpoint(ckpt_path, log_path, stage=3, steps=args.steps)
-        config = dict(target="eps", min_snr_gamma=0.0, schedule="linear", t_sampling="uniform", **ckpt["config"])   # a checkpoint from before these options trained with these values
+        config = {"target": "eps", "min_snr_gamma": 0.0, "schedule": "linear", "t_sampling": "uniform",
+                  **ckpt["config"]}   # a checkpoint from before these options trained with these values
         if ckpt.get("autoencoder_sha256", ae_digest) != ae_digest:
             raise UserError(f"{ae_path} is not the autoencoder {ckpt_path} was trained on (its sha256 differs): "
                             f"resuming would train on another latent space; start a new run instead")
