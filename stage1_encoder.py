@@ -573,8 +573,8 @@ def prepare_run(run):
     except OSError as e:
         raise UserError(f"cannot write into the run folder {run} ({e.strerror}); choose another --run") from None
     for tmp in run.glob(".*.tmp*"):   # .NAME.tmpPID: left by a save whose process was killed before its rename
-        pid = re.search(r"\.tmp(\d+)", tmp.name)
-        if pid and int(pid.group(1)) != os.getpid() and not Path(f"/proc/{pid.group(1)}").exists():
+        pid = re.search(r"\.tmp(\d+)", tmp.name)   # (only where /proc tells which processes still live)
+        if pid and Path("/proc/self").exists() and not Path(f"/proc/{pid.group(1)}").exists():
             tmp.unlink(missing_ok=True)
     return run
 
