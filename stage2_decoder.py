@@ -2,16 +2,19 @@
 Stage 2 of the Decoupled Autoencoder (DAE): freeze the stage-1 encoder, train the real decoder.
 
 Stage 1 chose the latent (its encoder was trained against a weak decoder). Stage 2 no longer moves
-the encoder: a fresh, full-strength Decoder learns to read the latent as it is (the paper's Fig. 1,
-second stage). The latent the generative model will see is therefore the stage-1 latent, and the
-image quality comes from the strong decoder.
+the encoder: a full-strength Decoder (no dropout, full width) learns to read the latent as it is (the
+paper's Fig. 1, second stage). When stage 1 weakened its decoder by dropout alone, the two decoders
+have the same shapes, and this one starts from the auxiliary decoder's weights (`--fresh-decoder`:
+from random ones). The latent the generative model will see is therefore the stage-1 latent, and
+the image quality comes from the strong decoder.
 
 `--joint` is the paper's baseline instead: it keeps training the encoder and the (unweakened)
 stage-1 decoder together for the same number of steps. The comparison is step-matched, not
 compute-matched: the joint run also backpropagates through the encoder (about 25% more compute).
 
-At the end it measures the test PSNR and the latent statistics that the diffusion model uses to
-standardise its inputs (per-channel mean and std, and SD's kind of scale factor).
+At the end it measures the test PSNR, the latent statistics that the diffusion model uses to
+standardise its inputs (per-channel mean and std, and SD's kind of scale factor), and how simple the
+latent is (latents.png and its high-frequency share).
 
     python stage2_decoder.py --run runs/shapes          # DAE:   runs/shapes/stage1.pt -> autoencoder.pt
     python stage2_decoder.py --run runs/joint --joint   # joint: needs a stage 1 run with no weakening
