@@ -30,7 +30,7 @@ from tqdm import tqdm
 from stage1_encoder import (Decoder, Encoder, Interrupted, Progress, UserError, add_training_flags, autocast,
                             autoencoder_kwargs, check_training_flags, count_params, file_digest, load_checkpoint,
                             load_data, load_optimizer, pick_device, prepare_run, resume_checkpoint, run_cli,
-                            save_checkpoint, save_grid, to_model_input, to_uint8_images)
+                            save_checkpoint, save_grid, spread_indices, to_model_input, to_uint8_images)
 
 # -----------------------------------------------------------------------------
 # Defaults: the recommended recipe (every one is a flag of main())
@@ -46,6 +46,7 @@ CLASS_DROPOUT = 0.1     # labels replaced by the null label, for classifier-free
 TARGET = "v"            # the DiT predicts the velocity v (measured faster than the noise eps: README)
 MIN_SNR_GAMMA = 5.0     # min-SNR-gamma loss weighting (Hang et al. 2023; 0: plain MSE)
 T_SAMPLING = "logit-normal"   # training timesteps t / T = sigmoid(N(0, 1)) (SD3), not uniform
+LR_SCHEDULE = "cosine"  # after the warm-up, the learning rate decays to zero at the last step
 NUM_TIMESTEPS = 1000
 
 DIT_SIZES = {           # depth, hidden size, heads
@@ -336,13 +337,13 @@ def load_autoencoder(path):
 
 
 @torch.no_grad()
-def build_latent_cache(ae, digest, cache_path, device, batch_size=500):
-    """Encode the training set once (and its horizontal flips, unless stage 1 turned flips off);
-    standardise; reuse while autoencoder.pt is unchanged. A damaged cache is built again."""
+def build_latent_cache(ae, digest, cache_path, device, batch_size=500, num_heldout=1000):
+    """Encode the training set once (and its horizontal flips, unless stage 1 turned flips off) and
+    num_heldout test images; standardise; reuse while autoencoder.pt is unchanged. A damaged cache is built again."""
     if cache_path.exists():
         try:
             cache = torch.load(cache_path, weights_only=True)
-            if cache.get("autoencoder_sha256") == digest:
+            if cache.get("autoencoder_sha256") == digest and "heldout_latents" in cache:
                 return cache
         except Exception:
             print(f"{cache_path} is damaged; encoding the latents again", file=sys.stderr)
@@ -350,20 +351,47 @@ def build_latent_cache(ae, digest, cache_path, device, batch_size=500):
     encoder = Encoder(**autoencoder_kwargs(config)).to(device).eval()
     encoder.load_state_dict(ae["encoder"])
     encoder.to(memory_format=torch.channels_last)   # about 25% faster convolutions on a CPU (same latents up to rounding)
-    data = load_data(config["data"], config["data_dir"], "train", config["image_size"])
     mean, std = (ae["latent_stats"][k][None, :, None, None] for k in ("mean", "std"))
-    flips = (False, True) if config.get("flip", True) else (False,)
-    latents = []
-    for flip in flips:
-        for i in tqdm(range(0, len(data.images), batch_size), desc=f"encoding latents{' (flipped)' if flip else ''}"):
-            x = to_model_input(data.images[i:i + batch_size]).to(device)
+
+    def encode(images, flip, desc):   # (N, H, W, 3) uint8 -> (N, C, h, w) standardised latents
+        latents = []
+        for i in tqdm(range(0, len(images), batch_size), desc=desc):
+            x = to_model_input(images[i:i + batch_size]).to(device)
             with autocast(device):
                 z = encoder((x.flip(3) if flip else x).contiguous(memory_format=torch.channels_last)).float().cpu()
             latents.append((z - mean) / std)
-    cache = {"autoencoder_sha256": digest, "latents": torch.cat(latents), "labels": data.labels.repeat(len(flips)),
-             "class_names": data.class_names, "flip": len(flips) == 2}
+        return torch.cat(latents)
+
+    data = load_data(config["data"], config["data_dir"], "train", config["image_size"])
+    flips = (False, True) if config.get("flip", True) else (False,)
+    latents = torch.cat([encode(data.images, flip, "encoding latents" + (" (flipped)" if flip else "")) for flip in flips])
+    test = load_data(config["data"], config["data_dir"], "test", config["image_size"])
+    idx = spread_indices(len(test.images), num_heldout)
+    cache = {"autoencoder_sha256": digest, "latents": latents, "labels": data.labels.repeat(len(flips)),
+             "class_names": data.class_names, "flip": len(flips) == 2,
+             "heldout_latents": encode(test.images[idx], False, "encoding held-out test latents"),
+             "heldout_labels": test.labels[idx]}
     save_checkpoint(cache, cache_path)
     return cache
+
+
+@torch.no_grad()
+def fixed_step_loss(model, latents, labels, config, device, num_t=10, batch_size=500):
+    """The training loss at fixed steps t = 50, 150, ..., 950 and fixed noise, true labels: on held-out
+    latents it measures how hard a latent is for the DiT, comparable between runs (and autoencoders)."""
+    alphas_cumprod = make_schedule(config["schedule"]).to(device)
+    g, total = torch.Generator().manual_seed(0), 0.0
+    for t_value in (np.arange(num_t) * NUM_TIMESTEPS // num_t + NUM_TIMESTEPS // (2 * num_t)).tolist():
+        for i in range(0, len(latents), batch_size):
+            x0, y = latents[i:i + batch_size].to(device), labels[i:i + batch_size].to(device)
+            noise = torch.randn(x0.shape, generator=g).to(device)
+            t = torch.full((len(x0),), t_value, device=device, dtype=torch.long)
+            a = alphas_cumprod[t].float()[:, None, None, None]
+            with autocast(device):
+                out = model(q_sample(x0, t, noise, alphas_cumprod), t, y).float()
+            error = (out - training_target(x0, noise, a, config["target"])) ** 2
+            total += (loss_weight(a, config["target"], config["min_snr_gamma"]) * error).mean(dim=(1, 2, 3)).sum().item()
+    return total / (num_t * len(latents))
 
 
 def update_ema(ema, model, decay):
@@ -373,8 +401,12 @@ def update_ema(ema, model, decay):
             e.lerp_(p, 1 - decay)
 
 
-def lr_at(step, config):
-    return config["lr"] * min(1.0, (step + 1) / max(1, config["warmup"]))
+def lr_at(step, config, total_steps):
+    """Linear warm-up, then constant (`constant`) or half a cosine down to zero at total_steps (`cosine`)."""
+    if step < config["warmup"] or config["lr_schedule"] == "constant":
+        return config["lr"] * min(1.0, (step + 1) / max(1, config["warmup"]))
+    progress = (step - config["warmup"]) / max(1, total_steps - config["warmup"])
+    return config["lr"] * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def setup_distributed(device_name):
@@ -395,7 +427,7 @@ def train(args):
     if args.resume:
         ckpt = resume_checkpoint(ckpt_path, log_path, stage=3, steps=args.steps)
         config = {"target": "eps", "min_snr_gamma": 0.0, "schedule": "linear", "t_sampling": "uniform",
-                  **ckpt["config"]}   # a checkpoint from before these options trained with these values
+                  "lr_schedule": "constant", **ckpt["config"]}   # a checkpoint from before these options trained with these values
         if ckpt.get("autoencoder_sha256", ae_digest) != ae_digest:
             raise UserError(f"{ae_path} is not the autoencoder {ckpt_path} was trained on (its sha256 differs): "
                             f"resuming would train on another latent space; start a new run instead")
@@ -406,7 +438,7 @@ def train(args):
                       batch_size=args.batch_size, warmup=args.warmup, grad_clip=args.grad_clip,
                       ema_decay=args.ema_decay, class_dropout=args.class_dropout, seed=args.seed,
                       target=args.target, schedule=args.schedule, min_snr_gamma=args.min_snr_gamma,
-                      t_sampling=args.t_sampling,
+                      t_sampling=args.t_sampling, lr_schedule=args.lr_schedule,
                       autoencoder_path=str(ae_path))
     if config["patch"] < 1 or config["input_size"] % config["patch"]:
         raise UserError(f"--patch {config['patch']} does not divide the {config['input_size']}x{config['input_size']} latent")
@@ -465,7 +497,7 @@ def train(args):
             t = sample_timesteps(local_batch, config["t_sampling"], g).to(device)
             noise = torch.randn(x0.shape, generator=g).to(device)
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, config)
+                group["lr"] = lr_at(step, config, args.steps)
             a = alphas_cumprod[t].float()[:, None, None, None]
             target = training_target(x0, noise, a, config["target"])
             with autocast(device):
@@ -489,16 +521,22 @@ def train(args):
         if rank == 0:
             progress.close()
     if rank == 0:
-        checkpoint({"final_loss": loss.item()})
+        ema.eval()
+        train_idx = spread_indices(len(latents), len(cache["heldout_latents"]))
+        metrics = {"final_loss": loss.item(),
+                   "heldout_loss": fixed_step_loss(ema, cache["heldout_latents"], cache["heldout_labels"], config, device),
+                   "train_fixed_loss": fixed_step_loss(ema, latents[train_idx], labels[train_idx], config, device)}
+        checkpoint(metrics)
         decoder = Decoder(**autoencoder_kwargs(ae["config"])).to(device).eval()
         decoder.load_state_dict(ae["decoder"])
-        ema.eval()
         y = torch.arange(config["num_classes"], device=device).repeat_interleave(8)
         z = sample_latents(ema, y, 25, "ddim", cfg_scale=2.0, generator=torch.Generator().manual_seed(0),
                            shape=(config["in_channels"], config["input_size"], config["input_size"]),
                            schedule=config["schedule"], target=config["target"])
         save_grid(decode_latents(decoder, z, ae["latent_stats"]), run / "dit_samples.png", nrow=8)
-        print(f"wrote {ckpt_path} and {run / 'dit_samples.png'} (25 DDIM steps, guidance 2)", file=sys.stderr)
+        print(f"wrote {ckpt_path} and {run / 'dit_samples.png'} (25 DDIM steps, guidance 2); EMA loss at fixed steps: "
+              f"held-out test latents {metrics['heldout_loss']:.4f}, training latents {metrics['train_fixed_loss']:.4f}",
+              file=sys.stderr)
     if world > 1:
         dist.destroy_process_group()
 
@@ -553,6 +591,8 @@ def main(argv=None):
     p.add_argument("--schedule", choices=["linear", "cosine"], default="linear", help="noise schedule")
     p.add_argument("--min-snr-gamma", type=float, default=MIN_SNR_GAMMA, help="min-SNR loss weighting gamma (0: off)")
     p.add_argument("--t-sampling", choices=["uniform", "logit-normal"], default=T_SAMPLING, help="how training timesteps are drawn")
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default=LR_SCHEDULE,
+                   help="learning rate after the warm-up: constant, or a cosine down to zero at this run's last --steps")
     p.add_argument("--class-dropout", type=float, default=CLASS_DROPOUT, help="label dropout for guidance")
     add_training_flags(p, STEPS, BATCH_SIZE, LR, ckpt_every=2000, checkpoint="dit.pt")
     p.add_argument("--benchmark", action="store_true", help="time training steps on random latents and exit")

@@ -1,5 +1,6 @@
 """The latent DiT: shapes, attention, adaLN-Zero, diffusion arithmetic, training, resume and DDP."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -126,10 +127,11 @@ def read_log(path):
 
 
 def test_train_resume_reproduces_the_loss_curve(autoencoder_run, tmp_path):
+    # A constant learning rate: a cosine one decays over each invocation's --steps (see test_lr_schedule).
     a = copy_run(autoencoder_run, tmp_path / "a", "autoencoder.pt")
     b = copy_run(autoencoder_run, tmp_path / "b", "autoencoder.pt")
-    run_script("train_latent_dit.py", "--run", a, "--steps", "40", *TINY)
-    run_script("train_latent_dit.py", "--run", b, "--steps", "20", *TINY)
+    run_script("train_latent_dit.py", "--run", a, "--steps", "40", *TINY, "--lr-schedule", "constant")
+    run_script("train_latent_dit.py", "--run", b, "--steps", "20", *TINY, "--lr-schedule", "constant")
     cache_time = (b / "latents.pt").stat().st_mtime_ns
     run_script("train_latent_dit.py", "--run", b, "--steps", "40", *TINY, "--resume")
     assert (b / "latents.pt").stat().st_mtime_ns == cache_time   # the latent cache was reused
@@ -175,6 +177,16 @@ def test_min_snr_weighting_is_the_clipped_snr_on_the_x0_error(target):
     assert torch.equal(dit.loss_weight(a, target, 0.0), torch.ones_like(a))   # 0: plain MSE
 
 
+def test_lr_schedule():
+    config = {"lr": 1e-3, "warmup": 10, "lr_schedule": "cosine"}
+    lrs = [dit.lr_at(step, config, 110) for step in range(110)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)          # linear warm-up
+    assert lrs[10] == pytest.approx(1e-3) and lrs[60] == pytest.approx(5e-4)       # half way down: half
+    assert lrs[109] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 99 / 100))) and lrs[109] < 1e-6
+    assert all(x >= y for x, y in zip(lrs[10:], lrs[11:]))                         # never rises again
+    assert dit.lr_at(60, dict(config, lr_schedule="constant"), 110) == 1e-3
+
+
 def test_timestep_sampling():
     g = torch.Generator().manual_seed(0)
     uniform = dit.sample_timesteps(100_000, "uniform", g).float()
@@ -183,3 +195,20 @@ def test_timestep_sampling():
     # t / T = sigmoid(u), u ~ N(0, 1): median at the middle, P(t < 100) = P(u < logit(0.1)) = 1.4%
     assert abs(logit.median() - 500) < 5 and abs((logit < 100).float().mean() - 0.0139) < 0.002
     assert logit.min() >= 0 and logit.max() <= 999
+
+
+@pytest.mark.parametrize("target", ["eps", "v"])
+def test_fixed_step_loss_of_a_zero_predictor(target):
+    # A model that always outputs zero: its squared error is the target's second moment, which for
+    # unit-variance latents is 1 at every step (eps, and v = sqrt(a) eps - sqrt(1 - a) x0), so the
+    # loss is the mean min-SNR weight over the ten fixed steps; it is also the same on every call.
+    class Zero(torch.nn.Module):
+        def forward(self, x, t, y):
+            return torch.zeros_like(x)
+    config = {"schedule": "linear", "target": target, "min_snr_gamma": 5.0}
+    latents, labels = torch.randn(2000, 4, 8, 8, generator=torch.Generator().manual_seed(1)), torch.zeros(2000, dtype=torch.long)
+    a = dit.make_schedule()[torch.arange(50, 1000, 100)].float()
+    expected = dit.loss_weight(a, target, 5.0).mean().item()
+    loss = dit.fixed_step_loss(Zero(), latents, labels, config, torch.device("cpu"))
+    assert abs(loss - expected) < 0.01 * expected
+    assert loss == dit.fixed_step_loss(Zero(), latents, labels, config, torch.device("cpu"))

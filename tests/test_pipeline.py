@@ -26,7 +26,9 @@ def test_five_stages_hand_each_file_on(shapes_dir, tmp_path):
     dit = torch.load(run / "dit.pt", weights_only=True)
     assert dit["stage"] == 3 and dit["autoencoder_path"] == str((run / "autoencoder.pt").resolve())
     assert dit["config"]["class_names"][:2] == ["circle", "ring"]
-    assert len((run / "latents.pt").read_bytes()) > 0
+    cache = torch.load(run / "latents.pt", weights_only=True)
+    assert cache["heldout_latents"].shape[1:] == cache["latents"].shape[1:] == (4, 8, 8)
+    assert 0 < dit["metrics"]["train_fixed_loss"] and 0 < dit["metrics"]["heldout_loss"] < 10
 
     run_script("sample.py", "--run", run, "--num", "40", "--steps", "4", "--per-class", "3")
     samples = np.load(run / "samples.npz")
