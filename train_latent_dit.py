@@ -250,6 +250,15 @@ def loss_weight(a, target, min_snr_gamma):
     return snr.clamp(max=min_snr_gamma) / (snr if target == "eps" else snr + 1)
 
 
+def weighted_error(model, x0, t, y, noise, alphas_cumprod, config):
+    """The training loss before its mean: (N, C, H, W) weighted squared errors of the model's output
+    at x_t against its target; training and the held-out loss both average it."""
+    a = alphas_cumprod[t].float()[:, None, None, None]
+    with autocast(x0.device):
+        out = model(q_sample(x0, t, noise, alphas_cumprod), t, y).float()
+    return loss_weight(a, config["target"], config["min_snr_gamma"]) * (out - training_target(x0, noise, a, config["target"])) ** 2
+
+
 def sample_timesteps(n, kind, generator, num_timesteps=NUM_TIMESTEPS):
     """(n,) training steps: `uniform`, or `logit-normal` (SD3: t / T = sigmoid(u), u ~ N(0, 1))."""
     if kind == "uniform":
@@ -382,16 +391,12 @@ def fixed_step_loss(model, latents, labels, config, device, num_t=10, batch_size
     latents it measures how hard a latent is for the DiT, comparable between runs (and autoencoders)."""
     alphas_cumprod = make_schedule(config["schedule"]).to(device)
     g, total = torch.Generator().manual_seed(0), 0.0
-    for t_value in (np.arange(num_t) * NUM_TIMESTEPS // num_t + NUM_TIMESTEPS // (2 * num_t)).tolist():
+    for t_value in range(NUM_TIMESTEPS // (2 * num_t), NUM_TIMESTEPS, NUM_TIMESTEPS // num_t):
         for i in range(0, len(latents), batch_size):
             x0, y = latents[i:i + batch_size].to(device), labels[i:i + batch_size].to(device)
             noise = torch.randn(x0.shape, generator=g).to(device)
             t = torch.full((len(x0),), t_value, device=device, dtype=torch.long)
-            a = alphas_cumprod[t].float()[:, None, None, None]
-            with autocast(device):
-                out = model(q_sample(x0, t, noise, alphas_cumprod), t, y).float()
-            error = (out - training_target(x0, noise, a, config["target"])) ** 2
-            total += (loss_weight(a, config["target"], config["min_snr_gamma"]) * error).mean(dim=(1, 2, 3)).sum().item()
+            total += weighted_error(model, x0, t, y, noise, alphas_cumprod, config).mean(dim=(1, 2, 3)).sum().item()
     return total / (num_t * len(latents))
 
 
@@ -499,11 +504,7 @@ def train(args):
             noise = torch.randn(x0.shape, generator=g).to(device)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, config, args.steps)
-            a = alphas_cumprod[t].float()[:, None, None, None]
-            target = training_target(x0, noise, a, config["target"])
-            with autocast(device):
-                out = net(q_sample(x0, t, noise, alphas_cumprod), t, y.to(device)).float()
-            loss = (loss_weight(a, config["target"], config["min_snr_gamma"]) * (out - target) ** 2).mean()
+            loss = weighted_error(net, x0, t, y.to(device), noise, alphas_cumprod, config).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
