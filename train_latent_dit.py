@@ -51,6 +51,7 @@ LR_SCHEDULE = "cosine"  # after the warm-up, the learning rate decays to zero at
 NUM_TIMESTEPS = 1000
 
 DIT_SIZES = {           # depth, hidden size, heads
+    "DiT-N": (6, 96, 3),    # half DiT-T's width: the small generator of the README's generator-size sweep
     "DiT-T": (6, 192, 3),
     "DiT-S": (12, 384, 6),
     "DiT-B": (12, 768, 12),
