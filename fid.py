@@ -393,7 +393,7 @@ def main(argv=None):
     p.add_argument("--weights", help="path of pt_inception-2015-12-05-6726825d.pth (else downloaded once)")
     p.add_argument("--split", choices=["train", "test"], default="train", help="split of a dataset source")
     p.add_argument("--data-dir", default="data", help="where datasets, classifiers and reference statistics live")
-    p.add_argument("--classifier-data", help="dataset of the classifier (default: the dataset among the sources)")
+    p.add_argument("--classifier-data", help="dataset of the classifier (default: the dataset or image folder among the sources)")
     p.add_argument("--classifier-steps", type=int, default=1500, help="training steps of a new classifier")
     p.add_argument("--no-flip", action="store_true", help="train the classifier without horizontal flips (digits, text)")
     p.add_argument("--save-stats", action="store_true", help="write the statistics of the first source to the second path")
@@ -411,9 +411,11 @@ def main(argv=None):
         model, digest = load_inception(args.weights, device)
         label, args.feature_tag = "FID (Inception, pytorch-fid compatible)", f"inception-{digest}"
     else:
-        data_name = args.classifier_data or next((s for s in args.sources if s in DATASETS), None)
+        # the classifier learns the dataset (or image folder) that the samples are compared with
+        data_name = args.classifier_data or next((s for s in args.sources if s in DATASETS or Path(s).is_dir()), None)
         if data_name is None:
-            raise UserError("--features classifier needs a dataset: name one as a source or with --classifier-data")
+            raise UserError("--features classifier needs a dataset or an image folder: name one as a source "
+                            "or with --classifier-data")
         model, ckpt = load_classifier(data_name, args.data_dir, device, args.classifier_steps, not args.no_flip)
         args.feature_tag = classifier_path(data_name, "", args.classifier_steps, not args.no_flip).stem
         label = (f"classifier-feature distance (NOT the standard FID: features of a CNN trained on {data_name}, "

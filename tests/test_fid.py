@@ -152,6 +152,16 @@ def test_classifier_features(shapes_dir):
     assert fid.classifier_path("shapes", shapes_dir, 1500, True) != fid.classifier_path("shapes", shapes_dir, 300, True)
 
 
+def test_classifier_features_of_an_image_folder_source(shapes_folder, tmp_path):
+    """An image folder among the sources is the classifier's dataset; no --classifier-data needed."""
+    folder = s1.load_folder(shapes_folder, 32)
+    np.savez(tmp_path / "s.npz", folder.images[::4].numpy(), folder.labels[::4].numpy())
+    result = run_script("fid.py", tmp_path / "s.npz", shapes_folder, "--features", "classifier", "--no-flip",
+                        "--classifier-steps", "5", "--data-dir", tmp_path)
+    assert "class accuracy" in result.stdout and float(result.stdout.strip().split()[-1]) >= 0
+    assert fid.classifier_path(str(shapes_folder), tmp_path, 5, False).exists()
+
+
 def test_damaged_caches_are_computed_again(shapes_dir, tmp_path, capsys):
     import argparse
 
