@@ -234,12 +234,17 @@ def test_ctrl_c_says_how_to_continue_and_resume_cuts_the_log(shapes_folder, tmp_
     def logged_steps():   # complete lines only: the writer may be half-way through one
         text = (run / "log_stage1.jsonl").read_text() if (run / "log_stage1.jsonl").exists() else ""
         return [json.loads(line)["step"] for line in text.splitlines(keepends=True) if line.endswith("\n")]
-    # interrupt a step or two after a checkpoint (every 5 steps), so that steps were logged after it
-    while not (run / "stage1.pt").exists() or len(logged_steps()) < 7 or logged_steps()[-1] % 5 not in (1, 2):
-        assert time.time() < deadline and process.poll() is None
-        time.sleep(0.02)
-    process.send_signal(signal.SIGINT)
-    err = process.communicate(timeout=60)[1]
+    try:
+        # interrupt a step or two after a checkpoint (every 5 steps), so that steps were logged after it
+        while not (run / "stage1.pt").exists() or len(logged_steps()) < 7 or logged_steps()[-1] % 5 not in (1, 2):
+            assert time.time() < deadline and process.poll() is None
+            time.sleep(0.02)
+        process.send_signal(signal.SIGINT)
+        err = process.communicate(timeout=60)[1]
+    finally:   # a failed test must not leave a 100,000-step run behind, slowing every later test
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
     assert process.returncode == 130 and "Traceback" not in err
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: stopped by Ctrl-C") and "stage1.pt" in last and "--resume" in last
