@@ -229,7 +229,10 @@ def test_ctrl_c_says_how_to_continue_and_resume_cuts_the_log(shapes_folder, tmp_
     args = [sys.executable, str(ROOT / "stage1_encoder.py"), "--data", str(shapes_folder), "--run", str(run),
             "--channels", "16", "--batch-size", "8", "--steps", "100000", "--log-every", "1", "--ckpt-every", "5"]
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="2")
-    process = subprocess.Popen(args, env=env, stderr=subprocess.PIPE, text=True)
+    def default_ctrl_c():   # as a terminal starts a program: SIGINT handled and not blocked, whatever the suite inherited
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    process = subprocess.Popen(args, env=env, stderr=subprocess.PIPE, text=True, preexec_fn=default_ctrl_c)
     deadline = time.time() + 120
     def logged_steps():   # complete lines only: the writer may be half-way through one
         text = (run / "log_stage1.jsonl").read_text() if (run / "log_stage1.jsonl").exists() else ""
