@@ -129,6 +129,13 @@ def reconstruction_loss(x_hat, x, kind):
     return F.l1_loss(x_hat.float(), x) if kind == "l1" else F.mse_loss(x_hat.float(), x)
 
 
+def scale_equivariance_loss(decode, z, x, kind):
+    """Scale equivariance (Skorokhodov et al. 2025): the decoder must also turn the latent downsampled
+    2x into the image downsampled 2x. A latent whose fine detail the decoder needs cannot pass this, so
+    the encoder is pushed towards a latent with less high-frequency content."""
+    return reconstruction_loss(decode(F.avg_pool2d(z, 2)), F.avg_pool2d(x, 2), kind)
+
+
 # -----------------------------------------------------------------------------
 # DAE stage 1 training
 
@@ -143,7 +150,7 @@ def train(args):
                       channels=args.channels, ch_mult=list(args.ch_mult), latent_channels=args.latent_channels,
                       num_res_blocks=args.num_res_blocks, aux_dropout=args.aux_dropout,
                       aux_width=args.aux_width, loss=args.loss, lr=args.lr, batch_size=args.batch_size,
-                      seed=args.seed, flip=not args.no_flip)
+                      seed=args.seed, flip=not args.no_flip, scale_equivariance=args.scale_equivariance)
     run = prepare_run(args.run)
     train_data = load_data(config["data"], config["data_dir"], "train", config["image_size"])
     test_data = load_data(config["data"], config["data_dir"], "test", config["image_size"])
@@ -186,12 +193,17 @@ def train(args):
                                 flip=config.get("flip", True))
             x = x.to(device, non_blocking=True)
             with autocast(device):
-                loss = reconstruction_loss(decode(encode(x)), x, config["loss"])
+                z = encode(x)
+                loss = reconstruction_loss(decode(z), x, config["loss"])
+                logs = {}
+                if config.get("scale_equivariance", 0):
+                    logs["se_loss"] = scale_equivariance_loss(decode, z, x, config["loss"])
+                    loss = loss + config["scale_equivariance"] * logs["se_loss"]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             step += 1
-            progress.update(step, loss=loss)
+            progress.update(step, loss=loss, **logs)
             if step % args.ckpt_every == 0 and step < args.steps:
                 progress.check_finite()
                 checkpoint({})
@@ -220,12 +232,16 @@ def main(argv=None):
     p.add_argument("--num-res-blocks", type=int, default=1, help="ResBlocks per level")
     p.add_argument("--aux-dropout", type=float, default=AUX_DROPOUT, help="dropout inside the auxiliary decoder (0: none)")
     p.add_argument("--aux-width", type=float, default=AUX_WIDTH, help="channel multiplier of the auxiliary decoder (1: full)")
+    p.add_argument("--scale-equivariance", type=float, default=0.0,
+                   help="weight of the scale-equivariance term (decode the 2x-downsampled latent; 0: off)")
     p.add_argument("--loss", choices=["l1", "mse"], default="l1", help="reconstruction loss")
     p.add_argument("--no-flip", action="store_true",
                    help="no random horizontal flips, here and in every later stage (digits, text, anything not mirror-symmetric)")
     add_training_flags(p, STEPS, BATCH_SIZE, LR, ckpt_every=1000, checkpoint="stage1.pt")
     args = p.parse_args(argv)
     check_training_flags(args)
+    if not 0 <= args.scale_equivariance < float("inf"):
+        raise UserError(f"--scale-equivariance must be a number >= 0, not {args.scale_equivariance}")
     if not 0 <= args.aux_dropout < 1 or not 0 < args.aux_width <= 1:
         raise UserError("--aux-dropout must be in [0, 1) and --aux-width in (0, 1]")
     if args.channels < 8 or args.latent_channels < 1 or args.num_res_blocks < 1 or min(args.ch_mult) < 1:
@@ -709,15 +725,20 @@ def psnr(x_hat, x):
 
 
 @torch.no_grad()
-def evaluate_reconstruction(encoder, decoder, data, device, png_path, num=2000, batch_size=250):
+def evaluate_reconstruction(encoder, decoder, data, device, png_path, npz_path=None, num=2000, batch_size=250):
     """Mean PSNR of `num` test images spread over the set (a folder is sorted by class); a PNG of ten of
-    them, also spread, above their reconstructions."""
+    them, also spread, above their reconstructions; with npz_path, the reconstructions and their labels
+    in sample.py's npz layout (fid.py scores them: the class accuracy no generator can beat)."""
     encoder.eval(), decoder.eval()
-    images = data.images[spread_indices(len(data.images), num)]
+    idx = spread_indices(len(data.images), num)
+    images = data.images[idx]
     x_hat = torch.cat([decoder(encoder(to_model_input(images[i:i + batch_size]).to(device))).float().cpu()
                        for i in range(0, len(images), batch_size)])
     shown = spread_indices(len(images), 10)
     save_grid(torch.cat([images[shown], to_uint8_images(x_hat[shown])]), png_path, nrow=len(shown))
+    if npz_path:
+        atomic_save(npz_path, lambda tmp: np.savez(tmp, arr_0=to_uint8_images(x_hat).numpy(),
+                                                   arr_1=data.labels[idx].numpy()))
     return psnr(x_hat.clamp(-1, 1), to_model_input(images)).mean().item()
 
 

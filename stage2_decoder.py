@@ -32,6 +32,7 @@ from stage1_encoder import (Decoder, Encoder, Interrupted, Progress, UserError, 
                             autoencoder_kwargs, check_training_flags, count_params, evaluate_reconstruction,
                             load_checkpoint, load_data, load_optimizer, pick_device, prepare_run,
                             reconstruction_loss, resume_checkpoint, run_cli, sample_batch, save_checkpoint,
+                            scale_equivariance_loss,
                             save_grid, spread_indices, step_generator, to_model_input)
 
 # -----------------------------------------------------------------------------
@@ -215,6 +216,10 @@ def train(args):
                 x_hat = decode(z)
                 rec_loss = reconstruction_loss(x_hat, x, config["loss"])
             loss, logs = rec_loss, {}
+            if joint and config.get("scale_equivariance", 0):   # the encoder still learns: keep its regulariser
+                with autocast(device):
+                    logs["se_loss"] = scale_equivariance_loss(decode, z, x, config["loss"])
+                loss = loss + config["scale_equivariance"] * logs["se_loss"]
             if use_gan and step >= config["gan_start"]:
                 with autocast(device):
                     g_loss = -discriminator(x_hat).float().mean()
@@ -245,7 +250,8 @@ def train(args):
     if not all(torch.isfinite(stats[k]).all() for k in ("mean", "std")) or not stats["std"].min() > 0:
         raise UserError(f"the latents of {stage1_path} are not finite or constant (std {stats['std'].tolist()}): "
                         f"train stage 1 again with a lower --lr; {ckpt_path} was not written")
-    metrics = {"test_psnr": evaluate_reconstruction(encoder, decoder, test_data, device, run / "stage2_recon.png"),
+    metrics = {"test_psnr": evaluate_reconstruction(encoder, decoder, test_data, device, run / "stage2_recon.png",
+                                                    run / "reconstructions.npz"),
                "stage1_test_psnr_aux": stage1["metrics"].get("test_psnr_aux"),
                "latent_high_freq": show_latents(encoder, test_data, stats, device, run / "latents.png")}
     checkpoint(metrics, stats)
