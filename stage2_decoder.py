@@ -2,11 +2,11 @@
 Stage 2 of the Decoupled Autoencoder (DAE): freeze the stage-1 encoder, train the real decoder.
 
 Stage 1 chose the latent (its encoder was trained against a weak decoder). Stage 2 no longer moves
-the encoder: a full-strength Decoder (no dropout, full width) learns to read the latent as it is (the
-paper's Fig. 1, second stage). When stage 1 weakened its decoder by dropout alone, the two decoders
-have the same shapes, and this one starts from the auxiliary decoder's weights (`--fresh-decoder`:
-from random ones). The latent the generative model will see is therefore the stage-1 latent, and
-the image quality comes from the strong decoder.
+the encoder: a full-strength Decoder (no dropout, full width) learns to read the latent as it is
+(the paper's Fig. 1, second stage). When stage 1 weakened its decoder by dropout alone, the two
+decoders have the same shapes, and this one starts from the auxiliary decoder's weights
+(`--fresh-decoder`: from random ones). The latent the generative model will see is therefore the
+stage-1 latent, and the image quality comes from the strong decoder.
 
 `--joint` is the paper's baseline instead: it keeps training the encoder and the (unweakened)
 stage-1 decoder together for the same number of steps. The comparison is step-matched, not
@@ -16,8 +16,8 @@ At the end it measures the test PSNR, the latent statistics that the diffusion m
 standardise its inputs (per-channel mean and std, and SD's kind of scale factor), and how simple the
 latent is (latents.png and its high-frequency share).
 
-    python stage2_decoder.py --run runs/shapes          # DAE:   runs/shapes/stage1.pt -> autoencoder.pt
-    python stage2_decoder.py --run runs/joint --joint   # joint: needs a stage 1 run with no weakening
+    python stage2_decoder.py --run runs/shapes          # DAE: stage1.pt -> autoencoder.pt
+    python stage2_decoder.py --run runs/joint --joint   # joint: a stage 1 run with no weakening
 """
 import argparse
 import sys
@@ -28,12 +28,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from stage1_encoder import (Decoder, Encoder, Interrupted, Progress, UserError, add_training_flags, autocast,
-                            autoencoder_kwargs, check_training_flags, count_params, evaluate_reconstruction,
-                            load_checkpoint, load_data, load_optimizer, pick_device, prepare_run,
-                            reconstruction_loss, resume_checkpoint, run_cli, sample_batch, save_checkpoint,
-                            scale_equivariance_loss,
-                            save_grid, spread_indices, step_generator, to_model_input)
+from common import (Interrupted, Progress, UserError, add_training_flags, autocast,
+                    check_training_flags, count_params, file_digest, load_checkpoint, load_data,
+                    load_optimizer, pick_device, prepare_run, resume_checkpoint, run_cli,
+                    sample_batch, save_checkpoint, save_grid, seeded_generator, spread_indices,
+                    to_model_input)
+from stage1_encoder import (Decoder, Encoder, autoencoder_kwargs, evaluate_reconstruction,
+                            reconstruction_loss, scale_equivariance_loss)
 
 # -----------------------------------------------------------------------------
 # Defaults: the recommended recipe (every one is a flag of main())
@@ -60,27 +61,25 @@ class PatchDiscriminator(nn.Module):
     def forward(self, x):
         return self.layers(x)
 
-
 def hinge_d_loss(logits_real, logits_fake):
     return F.relu(1 - logits_real).mean() + F.relu(1 + logits_fake).mean()
 
-
 def adaptive_gan_weight(rec_loss, gan_loss, last_layer_weight):
-    """VQGAN's balance: scale the GAN gradient to the size of the reconstruction gradient at the last layer."""
+    """VQGAN's balance: scale the GAN gradient to the reconstruction gradient at the last layer."""
     rec_grad = torch.autograd.grad(rec_loss, last_layer_weight, retain_graph=True)[0]
     gan_grad = torch.autograd.grad(gan_loss, last_layer_weight, retain_graph=True)[0]
     return (rec_grad.norm() / (gan_grad.norm() + 1e-4)).clamp(0, 1e4).detach()
 
 
 # -----------------------------------------------------------------------------
-# Latent statistics: what the diffusion model needs to standardise the latent
+# The latent the diffusion model sees: its statistics, its pictures, and its cache
 
 @torch.no_grad()
 def latent_statistics(encoder, data, device, num=10_000, batch_size=500):
     """Per-channel mean and std of the latents of `num` images, and SD's scale factor 1 / std."""
     encoder.eval()
-    # Images evenly spread from the first to the last (a folder is sorted by class); 10,000 times every
-    # latent position pins a channel's mean and std far better than the standardisation needs.
+    # Images evenly spread from the first to the last (a folder is sorted by class); 10,000 times
+    # every latent position pins a channel's mean and std far better than standardising needs.
     images = data.images[spread_indices(len(data.images), num)]
     total, total_sq, count = 0.0, 0.0, 0
     for i in tqdm(range(0, len(images), batch_size), desc="latent statistics", leave=False):
@@ -91,51 +90,101 @@ def latent_statistics(encoder, data, device, num=10_000, batch_size=500):
         count += z.shape[0] * z.shape[2] * z.shape[3]
     mean = total / count
     std = (total_sq / count - mean.pow(2)).clamp_min(1e-12).sqrt()
-    overall_std = (total_sq.sum() / (count * len(mean)) - (total.sum() / (count * len(mean))) ** 2).sqrt()
-    return {"mean": mean.float().cpu(), "std": std.float().cpu(), "scale_factor": float(1 / overall_std)}
+    n = count * len(mean)   # every value of every channel
+    overall_std = (total_sq.sum() / n - (total.sum() / n) ** 2).sqrt()
+    return {"mean": mean.float().cpu(), "std": std.float().cpu(),
+            "scale_factor": float(1 / overall_std)}
+
+@torch.no_grad()
+def standardised_latents(encoder, data, stats, device, num=1000, batch_size=250):
+    """(num, C, h, w) latents of `num` images spread over the set, standardised per channel."""
+    images = data.images[spread_indices(len(data.images), num)]
+    z = torch.cat([encoder(to_model_input(images[i:i + batch_size]).to(device)).float().cpu()
+                   for i in range(0, len(images), batch_size)])
+    return (z - stats["mean"][None, :, None, None]) / stats["std"][None, :, None, None]
+
+def show_latents(images, z, path, num=8):
+    """How simple is the latent, as a picture: `num` images, each beside every channel of its
+    standardised latent z in grey (-3 std black .. +3 std white)."""
+    shown = spread_indices(len(z), num)
+    scale = images.shape[1] // z.shape[2]
+    grey = ((z[shown].clamp(-3, 3) + 3) * 42.5).round().to(torch.uint8)     # (n, C, h, w) in 0..255
+    grey = grey.repeat_interleave(scale, 2).repeat_interleave(scale, 3)     # (n, C, H, W), nearest
+    tiles = torch.cat([images[shown][:, None],
+                       grey[..., None].expand(-1, -1, -1, -1, 3)], 1)       # (n, 1 + C, H, W, 3)
+    save_grid(tiles.flatten(0, 1), path, nrow=1 + z.shape[1], scale=3)
+
+def high_frequency_share(z):
+    """How simple is the latent, as a number: the share of the spatial spectral energy of
+    (N, C, h, w) latents above half the Nyquist frequency (mean per image and channel removed).
+    Smooth latents, which diffuse more easily, have a small share; white noise about 0.81 at 8x8."""
+    power = torch.fft.fft2(z - z.mean((2, 3), keepdim=True)).abs().pow(2)     # (N, C, h, w)
+    fy = torch.fft.fftfreq(z.shape[2])                    # cycles per latent pixel, up to 0.5
+    fx = torch.fft.fftfreq(z.shape[3])
+    high = (fy[:, None] ** 2 + fx[None, :] ** 2).sqrt() > 0.25
+    return float(power[..., high].sum() / power.sum())
 
 
 @torch.no_grad()
-def show_latents(encoder, data, stats, device, path, num=8):
-    """How simple is the latent? (1) a picture: `num` test images, each beside every channel of its
-    standardised latent in grey (-3 std black .. +3 std white); (2) a number: the share of the latent's
-    spatial spectral energy at high frequencies (above half the Nyquist frequency; mean per image and
-    channel removed). Smooth latents, which diffuse more easily, have a small share; white noise has
-    `high_frequency_share(torch.randn(...))`, about 0.81 at 8x8."""
-    images = data.images[spread_indices(len(data.images), 1000)]
-    mean, std = stats["mean"][None, :, None, None], stats["std"][None, :, None, None]
-    z = torch.cat([encoder(to_model_input(images[i:i + 250]).to(device)).float().cpu()
-                   for i in range(0, len(images), 250)])
-    z = (z - mean) / std                                                        # (N, C, h, w)
-    shown, scale = z[spread_indices(len(z), num)], images.shape[1] // z.shape[2]
-    grey = ((shown.clamp(-3, 3) + 3) * 42.5).round().to(torch.uint8)          # (n, C, h, w) in 0..255
-    grey = grey.repeat_interleave(scale, 2).repeat_interleave(scale, 3)       # nearest upsampling to the image size
-    tiles = torch.cat([images[spread_indices(len(z), num)][:, None],
-                       grey[..., None].expand(-1, -1, -1, -1, 3)], 1)          # (n, 1 + C, H, W, 3)
-    save_grid(tiles.flatten(0, 1), path, nrow=1 + z.shape[1], scale=3)
-    return high_frequency_share(z)
+def build_latent_cache(ae, digest, cache_path, device, batch_size=500, num_heldout=1000):
+    """Encode the training set once (and its horizontal flips, unless stage 1 turned flips off)
+    and num_heldout test images; standardise; reuse while autoencoder.pt is unchanged. A damaged
+    cache is built again."""
+    if cache_path.exists():
+        try:
+            cache = torch.load(cache_path, weights_only=True)
+            if cache.get("autoencoder_sha256") == digest:
+                return cache
+        except Exception:
+            print(f"{cache_path} is damaged; encoding the latents again", file=sys.stderr)
+    config = ae["config"]
+    encoder = Encoder(**autoencoder_kwargs(config)).to(device).eval()
+    encoder.load_state_dict(ae["encoder"])
+    # channels_last: about 25% faster convolutions on a CPU (the same latents up to rounding)
+    encoder.to(memory_format=torch.channels_last)
+    mean, std = (ae["latent_stats"][k][None, :, None, None] for k in ("mean", "std"))
 
+    def encode(images, flip, desc):   # (N, H, W, 3) uint8 -> (N, C, h, w) standardised latents
+        latents = []
+        for i in tqdm(range(0, len(images), batch_size), desc=desc):
+            x = to_model_input(images[i:i + batch_size]).to(device)
+            x = (x.flip(3) if flip else x).contiguous(memory_format=torch.channels_last)
+            with autocast(device):
+                z = encoder(x).float().cpu()
+            latents.append((z - mean) / std)
+        return torch.cat(latents)
 
-def high_frequency_share(z):
-    """Share of the spectral energy of (N, C, h, w) latents at spatial frequencies above half the Nyquist one."""
-    power = torch.fft.fft2(z - z.mean((2, 3), keepdim=True)).abs().pow(2)     # (N, C, h, w)
-    fy, fx = torch.fft.fftfreq(z.shape[2]), torch.fft.fftfreq(z.shape[3])     # cycles per latent pixel, up to 0.5
-    high = (fy[:, None] ** 2 + fx[None, :] ** 2).sqrt() > 0.25
-    return float(power[..., high].sum() / power.sum())
+    data = load_data(config["data"], config["data_dir"], "train", config["image_size"])
+    flips = (False, True) if config["flip"] else (False,)
+    latents = torch.cat([encode(data.images, flip, "encoding flipped latents" if flip
+                                else "encoding latents") for flip in flips])
+    test = load_data(config["data"], config["data_dir"], "test", config["image_size"])
+    idx = spread_indices(len(test.images), num_heldout)
+    cache = {"autoencoder_sha256": digest, "latents": latents,
+             "labels": data.labels.repeat(len(flips)), "class_names": data.class_names,
+             "flip": len(flips) == 2,
+             "heldout_latents": encode(test.images[idx], False, "encoding held-out test latents"),
+             "heldout_labels": test.labels[idx]}
+    save_checkpoint(cache, cache_path)
+    return cache
 
 
 # -----------------------------------------------------------------------------
 # Training
 
 def train(args):
+    """Train the full decoder on the frozen stage-1 encoder (or, with --joint, both together);
+    write RUN/autoencoder.pt with the latent statistics, stage2_recon.png and latents.png."""
     device = pick_device(args.device)
     stage1_path = (Path(args.run) / "stage1.pt").resolve()
     stage1 = load_checkpoint(stage1_path, stage=1)
     run = prepare_run(args.run)
-    ckpt_path, log_path = run / "autoencoder.pt", run / "log_stage2.jsonl"
-    if not stage1.get("finished", bool(stage1["metrics"])):   # older checkpoints: metrics only once finished
-        raise UserError(f"{stage1_path} stopped at step {stage1['step']} of {stage1.get('total_steps', '?')}: "
-                        f"finish it first (stage1_encoder.py --run {run} --resume)")
+    ckpt_path = run / "autoencoder.pt"
+    log_path = run / "log_stage2.jsonl"
+    if not stage1["finished"]:
+        raise UserError(f"{stage1_path} stopped at step {stage1['step']} of "
+                        f"{stage1['total_steps']}: finish it first (python stage1_encoder.py "
+                        f"--run {args.run} --steps {stage1['total_steps']} --resume)")
 
     if args.resume:
         ckpt = resume_checkpoint(ckpt_path, log_path, stage=2, steps=args.steps)
@@ -143,13 +192,14 @@ def train(args):
     else:
         config = dict(stage1["config"], stage2_lr=args.lr, stage2_batch_size=args.batch_size,
                       stage2_seed=args.seed, joint=args.joint, gan_weight=args.gan_weight,
-                      gan_start=args.gan_start, stage1_steps=stage1["step"],
-                      decoder_init="fresh" if args.fresh_decoder or stage1["config"]["aux_width"] != 1 else "aux")
+                      gan_start=args.gan_start, stage1_steps=stage1["step"], decoder_init="aux")
+        if args.fresh_decoder or config["aux_width"] != 1:   # a narrower aux decoder: other shapes
+            config["decoder_init"] = "fresh"
     joint = config["joint"]
     if joint and (config["aux_dropout"] != 0 or config["aux_width"] != 1):
-        raise UserError(f"--joint continues an unweakened stage 1, but {stage1_path} was trained with "
-                        f"--aux-dropout {config['aux_dropout']} --aux-width {config['aux_width']}; "
-                        f"rerun stage 1 with --aux-dropout 0 --aux-width 1")
+        raise UserError(f"--joint continues an unweakened stage 1, but {stage1_path} was trained "
+                        f"with --aux-dropout {config['aux_dropout']} --aux-width "
+                        f"{config['aux_width']}; rerun stage 1 with --aux-dropout 0 --aux-width 1")
     train_data = load_data(config["data"], config["data_dir"], "train", config["image_size"])
     test_data = load_data(config["data"], config["data_dir"], "test", config["image_size"])
 
@@ -160,21 +210,24 @@ def train(args):
         decoder = Decoder(**autoencoder_kwargs(config)).to(device)
         decoder.load_state_dict(stage1["aux_decoder"])
         params = list(encoder.parameters()) + list(decoder.parameters())
-    else:       # DAE: the encoder is frozen, a full-strength decoder (no dropout, full width) learns
+    else:       # DAE: the encoder is frozen; a full-strength decoder (no dropout) learns
         encoder.requires_grad_(False)
         decoder = Decoder(**autoencoder_kwargs(config)).to(device)
-        if config["decoder_init"] == "aux":   # dropout-only weakening: the same shapes, so start from the aux decoder
+        if config["decoder_init"] == "aux":   # dropout-only weakening: start from the aux decoder
             decoder.load_state_dict(stage1["aux_decoder"])
         params = list(decoder.parameters())
-    optimizer = torch.optim.AdamW(params, lr=config["stage2_lr"], weight_decay=0.0, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(params, lr=config["stage2_lr"], weight_decay=0.0,
+                                  fused=device.type == "cuda")
     if joint and not args.resume:
-        load_optimizer(optimizer, stage1["optimizer"], device)   # a true continuation of the joint run
+        load_optimizer(optimizer, stage1["optimizer"], device)   # a true continuation of stage 1
         for group in optimizer.param_groups:
             group["lr"] = config["stage2_lr"]
     use_gan = config["gan_weight"] > 0
     discriminator = PatchDiscriminator().to(device) if use_gan else None
-    d_optimizer = (torch.optim.AdamW(discriminator.parameters(), lr=config["stage2_lr"], betas=(0.5, 0.9))
-                   if use_gan else None)
+    d_optimizer = None
+    if use_gan:
+        d_optimizer = torch.optim.AdamW(discriminator.parameters(), lr=config["stage2_lr"],
+                                        betas=(0.5, 0.9))
     step = 0
     if args.resume:
         encoder.load_state_dict(ckpt["encoder"])
@@ -189,14 +242,15 @@ def train(args):
         log_path.unlink(missing_ok=True)
     encoder.train(joint)   # a frozen encoder stays in eval mode
     decoder.train()
-    print(f"stage 2 ({'joint baseline' if joint else 'DAE, frozen encoder'}) on {train_data.description}, "
-          f"device {device}, decoder {count_params(decoder)}"
-          + (f", GAN weight {config['gan_weight']} from step {config['gan_start']}" if use_gan else ""),
+    gan = f", GAN weight {config['gan_weight']} from step {config['gan_start']}" if use_gan else ""
+    print(f"stage 2 ({'joint baseline' if joint else 'DAE, frozen encoder'}) on "
+          f"{train_data.description}, device {device}, decoder {count_params(decoder)}{gan}",
           file=sys.stderr)
 
-    encode, decode = (torch.compile(encoder), torch.compile(decoder)) if args.compile else (encoder, decoder)
+    encode = torch.compile(encoder) if args.compile else encoder
+    decode = torch.compile(decoder) if args.compile else decoder
 
-    def checkpoint(metrics, stats=None):   # stats (and so a usable autoencoder.pt) only once finished
+    def checkpoint(metrics, stats=None):   # stats (and so a usable autoencoder.pt) once finished
         save_checkpoint({"stage": 2, "config": config, "encoder": encoder.state_dict(),
                          "decoder": decoder.state_dict(), "optimizer": optimizer.state_dict(),
                          "discriminator": discriminator.state_dict() if use_gan else None,
@@ -204,34 +258,39 @@ def train(args):
                          "step": step, "latent_stats": stats, "stage1_path": str(stage1_path),
                          "metrics": metrics}, ckpt_path)
 
-    progress = Progress(log_path, args.steps, step, config["stage2_batch_size"], args.log_every, "stage 2")
+    progress = Progress(log_path, args.steps, step, config["stage2_batch_size"], args.log_every,
+                        "stage 2")
     try:
         while step < args.steps:
-            x, _ = sample_batch(train_data, config["stage2_batch_size"],
-                                step_generator(config["stage2_seed"], step, stage=2), flip=config.get("flip", True))
+            batch_generator = seeded_generator(config["stage2_seed"], step, stream=2, num_streams=8)
+            x, _ = sample_batch(train_data, config["stage2_batch_size"], batch_generator,
+                                config["flip"])
             x = x.to(device, non_blocking=True)
             with torch.set_grad_enabled(joint), autocast(device):
                 z = encode(x)   # (N, C, h, w); under no_grad when the encoder is frozen
             with autocast(device):
                 x_hat = decode(z)
                 rec_loss = reconstruction_loss(x_hat, x, config["loss"])
-            loss, logs = rec_loss, {}
-            if joint and config.get("scale_equivariance", 0):   # the encoder still learns: keep its regulariser
+            loss = rec_loss
+            logs = {}
+            if joint and config["scale_equivariance"]:   # the encoder still learns: keep its term
                 with autocast(device):
                     logs["se_loss"] = scale_equivariance_loss(decode, z, x, config["loss"])
                 loss = loss + config["scale_equivariance"] * logs["se_loss"]
             if use_gan and step >= config["gan_start"]:
                 with autocast(device):
                     g_loss = -discriminator(x_hat).float().mean()
-                weight = config["gan_weight"] * adaptive_gan_weight(rec_loss, g_loss, decoder.layers[-1].weight)
-                loss = rec_loss + weight * g_loss
-                logs = {"g_loss": g_loss, "gan_weight": weight}
+                last_layer = decoder.layers[-1].weight
+                weight = config["gan_weight"] * adaptive_gan_weight(rec_loss, g_loss, last_layer)
+                loss = loss + weight * g_loss
+                logs.update(g_loss=g_loss, gan_weight=weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             if use_gan and step >= config["gan_start"]:
                 with autocast(device):
-                    d_loss = hinge_d_loss(discriminator(x).float(), discriminator(x_hat.detach()).float())
+                    d_loss = hinge_d_loss(discriminator(x).float(),
+                                          discriminator(x_hat.detach()).float())
                 d_optimizer.zero_grad(set_to_none=True)
                 d_loss.backward()
                 d_optimizer.step()
@@ -247,32 +306,48 @@ def train(args):
         progress.close()
 
     stats = latent_statistics(encoder, train_data, device)
-    if not all(torch.isfinite(stats[k]).all() for k in ("mean", "std")) or not stats["std"].min() > 0:
-        raise UserError(f"the latents of {stage1_path} are not finite or constant (std {stats['std'].tolist()}): "
-                        f"train stage 1 again with a lower --lr; {ckpt_path} was not written")
-    metrics = {"test_psnr": evaluate_reconstruction(encoder, decoder, test_data, device, run / "stage2_recon.png",
-                                                    run / "reconstructions.npz"),
-               "stage1_test_psnr_aux": stage1["metrics"].get("test_psnr_aux"),
-               "latent_high_freq": show_latents(encoder, test_data, stats, device, run / "latents.png")}
+    finite = all(torch.isfinite(stats[k]).all() for k in ("mean", "std"))
+    if not finite or not stats["std"].min() > 0:
+        raise UserError(f"the latents of {stage1_path} are not finite or constant (std "
+                        f"{stats['std'].tolist()}): train stage 1 again with a lower --lr; "
+                        f"{ckpt_path} was not written")
+    test_psnr = evaluate_reconstruction(encoder, decoder, test_data, device,
+                                        run / "stage2_recon.png", run / "reconstructions.npz")
+    z = standardised_latents(encoder, test_data, stats, device)
+    show_latents(test_data.images[spread_indices(len(test_data.images), len(z))], z,
+                 run / "latents.png")
+    metrics = {"test_psnr": test_psnr, "stage1_test_psnr_aux": stage1["metrics"]["test_psnr_aux"],
+               "latent_high_freq": high_frequency_share(z)}
     checkpoint(metrics, stats)
-    print(f"wrote {ckpt_path}: test PSNR {metrics['test_psnr']:.2f} dB, latent std per channel "
+    print(f"wrote {ckpt_path}: test PSNR {test_psnr:.2f} dB, latent std per channel "
           f"{[round(v, 3) for v in stats['std'].tolist()]}, high-frequency share of the latent "
           f"{metrics['latent_high_freq']:.3f} (picture: {run / 'latents.png'})", file=sys.stderr)
 
+def load_autoencoder(path):
+    """A finished autoencoder.pt (with its latent statistics) and its sha256, which ties a DiT
+    to it."""
+    ae = load_checkpoint(path, stage=2)
+    if ae["latent_stats"] is None:
+        raise UserError(f"{path} is unfinished (stopped at step {ae['step']}, no latent statistics "
+                        f"yet): finish it with stage2_decoder.py --resume")
+    return ae, file_digest(path, "sha256")
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--run", default="runs/shapes", help="run folder: reads stage1.pt, writes autoencoder.pt")
-    p.add_argument("--joint", action="store_true",
-                   help="the baseline: keep training encoder and stage-1 decoder together instead of freezing")
-    p.add_argument("--fresh-decoder", action="store_true",
-                   help="DAE: start the decoder from random weights, not from the auxiliary decoder (when its width is full)")
-    p.add_argument("--gan-weight", type=float, default=GAN_WEIGHT, help="weight of the PatchGAN hinge loss (0: off)")
-    p.add_argument("--gan-start", type=int, default=GAN_START, help="step at which the adversarial loss starts")
+    p.add_argument("--run", required=True,
+                   help="run folder of stage 1: reads stage1.pt, writes autoencoder.pt")
+    p.add_argument("--joint", action="store_true", help="the baseline: keep training encoder and "
+                   "stage-1 decoder together instead of freezing the encoder")
+    p.add_argument("--fresh-decoder", action="store_true", help="DAE: start the decoder from "
+                   "random weights, not from the auxiliary decoder (when its width is full)")
+    p.add_argument("--gan-weight", type=float, default=GAN_WEIGHT,
+                   help="weight of the PatchGAN hinge loss (0: off)")
+    p.add_argument("--gan-start", type=int, default=GAN_START,
+                   help="step at which the adversarial loss starts")
     add_training_flags(p, STEPS, BATCH_SIZE, LR, ckpt_every=1000, checkpoint="autoencoder.pt")
     args = p.parse_args(argv)
-    check_training_flags(args)
+    check_training_flags(args, STEPS)
     if not args.gan_weight >= 0:
         raise UserError(f"--gan-weight must not be negative, not {args.gan_weight}")
     train(args)

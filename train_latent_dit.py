@@ -1,37 +1,35 @@
 """
-Train a compact class-conditional Diffusion Transformer (DiT) on the latents of a stage-2 autoencoder.
+Train a compact class-conditional Diffusion Transformer (DiT) on a stage-2 autoencoder's latents.
 
 This is the generative model whose quality the paper's latent is meant to improve: for the same
 DiT, a latent that is "closer" to the data (DAE) should give better samples than the latent of a
 jointly trained autoencoder. The latents are encoded once with the frozen encoder, standardised
 with the stored per-channel statistics, and cached in the run folder. At the end, the loss of the
-EMA model on 1,000 held-out test latents at fixed steps and noise says how hard the latent is to model.
+EMA model on 1,000 held-out test latents at fixed steps and noise says how hard the latent is.
 
-Also here: the 1000-step noise schedule and the DDPM / DDIM update rules that sample.py uses.
+Read from the top: the defaults, the DiT, the forward process (noise schedule, noising, prediction
+target, loss weighting, timesteps), the latent cache and training; the reverse process that turns
+noise into samples is in sample.py.
 
-    python train_latent_dit.py --run runs/shapes                 # runs/shapes/autoencoder.pt -> dit.pt
+    python train_latent_dit.py --run runs/shapes                 # autoencoder.pt -> dit.pt
     torchrun --nproc_per_node=4 train_latent_dit.py -- --run DIR # DistributedDataParallel
-    python train_latent_dit.py --run runs/shapes --benchmark     # images/s: sdpa vs manual, compile on/off
 """
 import argparse
 import copy
 import math
 import os
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from stage1_encoder import (Decoder, Encoder, Interrupted, Progress, UserError, add_training_flags, autocast,
-                            autoencoder_kwargs, check_training_flags, count_params, file_digest, load_checkpoint,
-                            load_data, load_optimizer, pick_device, prepare_run, resume_checkpoint, run_cli,
-                            save_checkpoint, save_grid, spread_indices, to_model_input, to_uint8_images)
+from common import (Interrupted, Progress, UserError, add_training_flags, autocast,
+                    check_training_flags, count_params, load_optimizer, pick_device, prepare_run,
+                    resume_checkpoint, run_cli, save_checkpoint, seeded_generator)
+from stage2_decoder import build_latent_cache, load_autoencoder
 
 # -----------------------------------------------------------------------------
 # Defaults: the recommended recipe (every one is a flag of main())
@@ -44,14 +42,14 @@ WARMUP = 500            # steps of linear learning-rate warm-up
 GRAD_CLIP = 1.0
 EMA_DECAY = 0.9999
 CLASS_DROPOUT = 0.1     # labels replaced by the null label, for classifier-free guidance
-TARGET = "v"            # the DiT predicts the velocity v (measured faster than the noise eps: README)
+TARGET = "v"            # the DiT predicts the velocity v = sqrt(a) eps - sqrt(1 - a) x0, not eps
 MIN_SNR_GAMMA = 5.0     # min-SNR-gamma loss weighting (Hang et al. 2023; 0: plain MSE)
-T_SAMPLING = "logit-normal"   # training timesteps t / T = sigmoid(N(0, 1)) (SD3), not uniform
+T_SAMPLING = "logit-normal"   # t / T = sigmoid(N(0, 1)): the middle steps more often than the ends
 LR_SCHEDULE = "cosine"  # after the warm-up, the learning rate decays to zero at the last step
 NUM_TIMESTEPS = 1000
 
 DIT_SIZES = {           # depth, hidden size, heads
-    "DiT-N": (6, 96, 3),    # half DiT-T's width: the small generator of the README's generator-size sweep
+    "DiT-N": (6, 96, 3),    # half DiT-T's width
     "DiT-T": (6, 192, 3),
     "DiT-S": (12, 384, 6),
     "DiT-B": (12, 768, 12),
@@ -64,10 +62,10 @@ DIT_SIZES = {           # depth, hidden size, heads
 def sinusoid(values, dim, max_period=10000):
     """(N,) numbers -> (N, dim) sin-cos features at geometrically spaced frequencies."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=values.device) / half)
+    steps = torch.arange(half, dtype=torch.float32, device=values.device)
+    freqs = torch.exp(-math.log(max_period) * steps / half)
     args = values.float()[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-
 
 def pos_embed_2d(dim, grid_size):
     """(grid_size^2, dim) fixed positions: half the channels encode the row, half the column."""
@@ -80,7 +78,6 @@ def pos_embed_2d(dim, grid_size):
         return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
     return torch.cat([embed(rows), embed(cols)], dim=1)
 
-
 class TimestepEmbedder(nn.Module):
     """(N,) diffusion steps -> (N, D): sinusoid features through a small MLP."""
     def __init__(self, hidden, freq_dim=256):
@@ -91,9 +88,9 @@ class TimestepEmbedder(nn.Module):
     def forward(self, t):
         return self.mlp(sinusoid(t, self.freq_dim))
 
-
 def drop_labels(labels, num_classes, p, generator):
-    """Classifier-free guidance training: replace each label by the null label (num_classes) with probability p."""
+    """Classifier-free guidance in training: each label becomes the null label (num_classes) with
+    probability p."""
     drop = torch.rand(labels.shape, generator=generator) < p
     return torch.where(drop, torch.full_like(labels, num_classes), labels)
 
@@ -102,15 +99,19 @@ def drop_labels(labels, num_classes, p, generator):
 # The transformer: hand-written attention, adaLN-Zero blocks
 
 class Attention(nn.Module):
-    """Multi-head self-attention: softmax(q k^T / sqrt(d)) v, or the same through PyTorch's fused SDPA kernel."""
+    """Multi-head self-attention: softmax(q k^T / sqrt(d)) v, or the same through PyTorch's fused
+    SDPA kernel."""
     def __init__(self, dim, heads, impl="sdpa"):
         super().__init__()
-        self.heads, self.impl = heads, impl
-        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.heads = heads
+        self.impl = impl
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
 
     def forward(self, x):
         N, T, D = x.shape
-        q, k, v = self.qkv(x).reshape(N, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3x (N, H, T, d)
+        qkv = self.qkv(x).reshape(N, T, 3, self.heads, D // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)                            # 3x (N, H, T, d)
         if self.impl == "sdpa":   # flash / memory-efficient kernels on GPU, same math
             out = F.scaled_dot_product_attention(q, k, v)
         else:                     # the math written out; torch.compile fuses it
@@ -118,10 +119,8 @@ class Attention(nn.Module):
             out = scores.softmax(dim=-1) @ v                            # (N, H, T, d)
         return self.proj(out.transpose(1, 2).reshape(N, T, D))
 
-
 def modulate(x, shift, scale):
     return x * (1 + scale[:, None]) + shift[:, None]
-
 
 class DiTBlock(nn.Module):
     """Attention and MLP, each scaled, shifted and gated by the conditioning (adaLN-Zero)."""
@@ -130,19 +129,20 @@ class DiTBlock(nn.Module):
         self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden, heads, attn)
         self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
-        self.mlp = nn.Sequential(nn.Linear(hidden, int(hidden * mlp_ratio)), nn.GELU(approximate="tanh"),
-                                 nn.Linear(int(hidden * mlp_ratio), hidden))
+        mlp_hidden = int(hidden * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(hidden, mlp_hidden), nn.GELU(approximate="tanh"),
+                                 nn.Linear(mlp_hidden, hidden))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
 
     def forward(self, x, c):  # x: (N, T, D), c: (N, D)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = \
+            self.adaLN_modulation(c).chunk(6, dim=1)                     # 6x (N, D)
         x = x + gate_msa[:, None] * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
         x = x + gate_mlp[:, None] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
 
-
 class FinalLayer(nn.Module):
-    """adaLN then a linear map from each token to its patch of noise prediction."""
+    """adaLN then a linear map from each token to its patch of the prediction (v or eps)."""
     def __init__(self, hidden, patch, out_channels):
         super().__init__()
         self.norm = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
@@ -153,15 +153,17 @@ class FinalLayer(nn.Module):
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
         return self.linear(modulate(self.norm(x), shift, scale))
 
-
 class DiT(nn.Module):
-    """(N, C, H, W) noisy latent, (N,) step, (N,) label -> (N, C, H, W) predicted noise."""
+    """(N, C, H, W) noisy latent, (N,) step, (N,) label -> (N, C, H, W) prediction of the
+    training target (the velocity v by default, or the noise eps)."""
     def __init__(self, input_size=8, in_channels=4, patch=PATCH, hidden=384, depth=12, heads=6,
                  num_classes=10, attn="sdpa"):
         super().__init__()
-        self.in_channels, self.patch, self.num_classes = in_channels, patch, num_classes
+        self.in_channels = in_channels
+        self.patch = patch
+        self.num_classes = num_classes
         self.grid = input_size // patch
-        self.x_embedder = nn.Conv2d(in_channels, hidden, kernel_size=patch, stride=patch)   # patchify
+        self.x_embedder = nn.Conv2d(in_channels, hidden, patch, stride=patch)   # patchify
         self.register_buffer("pos_embed", pos_embed_2d(hidden, self.grid)[None], persistent=False)
         self.t_embedder = TimestepEmbedder(hidden)
         self.y_embedder = nn.Embedding(num_classes + 1, hidden)   # the last row is the null label
@@ -180,7 +182,7 @@ class DiT(nn.Module):
         nn.init.normal_(self.y_embedder.weight, std=0.02)
         for layer in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
             nn.init.normal_(layer.weight, std=0.02)
-        # adaLN-Zero: every block starts as the identity, and the model starts by predicting zero noise.
+        # adaLN-Zero: every block starts as the identity, and the model starts by predicting zero.
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
@@ -201,205 +203,83 @@ class DiT(nn.Module):
             x = block(x, c)                                                  # (N, T, D)
         return self.unpatchify(self.final_layer(x, c))                       # (N, C, H, W)
 
-
 def build_dit(config):
     depth, hidden, heads = DIT_SIZES[config["model"]]
     return DiT(config["input_size"], config["in_channels"], config["patch"], hidden, depth, heads,
                config["num_classes"], config["attn"])
 
 
-def dit_flops_per_image(config):
-    """Forward FLOPs of one image (matmuls only: 2 per multiply-add); training is about 3x this."""
-    depth, d, _ = DIT_SIZES[config["model"]]
-    tokens = (config["input_size"] // config["patch"]) ** 2
-    per_block = 2 * tokens * 12 * d * d + 2 * 2 * tokens * tokens * d + 2 * d * 6 * d   # linear, attention, adaLN
-    return depth * per_block + 2 * tokens * d * config["patch"] ** 2 * config["in_channels"] * 2
-
-
 # -----------------------------------------------------------------------------
-# Diffusion: noise schedules, forward noising, prediction targets, and the two reverse update rules
+# The forward process: noise schedule, noising, prediction target, loss weighting, timesteps
 
 def make_schedule(kind="linear", num_timesteps=NUM_TIMESTEPS):
-    """alpha_bar_t for t = 0 .. T-1 (float64): `linear` betas 1e-4 .. 0.02 (DDPM, DiT) or `cosine` (Nichol & Dhariwal)."""
+    """alpha_bar_t for t = 0 .. T-1 (float64): `linear` betas 1e-4 .. 0.02 (DDPM, DiT), or
+    `cosine` (Nichol & Dhariwal)."""
     if kind == "cosine":
-        f = torch.cos((torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps + 0.008) / 1.008 * math.pi / 2) ** 2
+        s = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps
+        f = torch.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
         betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
     else:
         betas = torch.linspace(1e-4, 0.02, num_timesteps, dtype=torch.float64)
     return torch.cumprod(1 - betas, dim=0)
-
 
 def q_sample(x0, t, noise, alphas_cumprod):
     """x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise."""
     a = alphas_cumprod.to(x0.device)[t].float()[:, None, None, None]
     return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
-
 def training_target(x0, noise, a, target):
     """What the network learns to output: the noise `eps` (DDPM, DiT), or the velocity
     v = sqrt(a) eps - sqrt(1 - a) x0 (Salimans & Ho); a = alpha_bar_t, shaped to broadcast."""
     return noise if target == "eps" else a.sqrt() * noise - (1 - a).sqrt() * x0
 
-
 def loss_weight(a, target, min_snr_gamma):
-    """Per-example weight of the MSE: 1, or min-SNR-gamma (Hang et al.): the error of the implied x0
-    is weighted by min(SNR, gamma), SNR = a / (1 - a). An eps error is an x0 error times sqrt(SNR) and
-    a v error one times sqrt(SNR + 1), so their weights are min(SNR, gamma) / SNR and / (SNR + 1)."""
+    """Per-example weight of the MSE: 1, or min-SNR-gamma (Hang et al.): the error of the implied
+    x0 is weighted by min(SNR, gamma), SNR = a / (1 - a). An eps error is an x0 error times
+    sqrt(SNR) and a v error one times sqrt(SNR + 1), so their weights are min(SNR, gamma) / SNR
+    and min(SNR, gamma) / (SNR + 1)."""
     if not min_snr_gamma:
         return torch.ones_like(a)
     snr = a / (1 - a)
     return snr.clamp(max=min_snr_gamma) / (snr if target == "eps" else snr + 1)
 
-
 def weighted_error(model, x0, t, y, noise, alphas_cumprod, config):
-    """The training loss before its mean: (N, C, H, W) weighted squared errors of the model's output
-    at x_t against its target; training and the held-out loss both average it."""
+    """The training loss before its mean: (N, C, H, W) weighted squared errors of the model's
+    output at x_t against its target; training and the held-out loss both average it."""
     a = alphas_cumprod[t].float()[:, None, None, None]
     with autocast(x0.device):
         out = model(q_sample(x0, t, noise, alphas_cumprod), t, y).float()
-    return loss_weight(a, config["target"], config["min_snr_gamma"]) * (out - training_target(x0, noise, a, config["target"])) ** 2
-
+    error = out - training_target(x0, noise, a, config["target"])
+    return loss_weight(a, config["target"], config["min_snr_gamma"]) * error ** 2
 
 def sample_timesteps(n, kind, generator, num_timesteps=NUM_TIMESTEPS):
-    """(n,) training steps: `uniform`, or `logit-normal` (SD3: t / T = sigmoid(u), u ~ N(0, 1))."""
+    """(n,) training steps: `uniform`, or `logit-normal`: t / T = sigmoid(u), u ~ N(0, 1), which
+    draws the middle of the schedule more often than its ends."""
     if kind == "uniform":
         return torch.randint(0, num_timesteps, (n,), generator=generator)
     u = torch.sigmoid(torch.randn(n, generator=generator))
     return (u * num_timesteps).long().clamp(0, num_timesteps - 1)
 
 
-def to_x0_eps(out, x_t, a_t, target):
-    """The network's output at x_t -> (predicted x0, predicted eps), whichever target it learned."""
-    if target == "eps":
-        return (x_t - (1 - a_t) ** 0.5 * out) / a_t ** 0.5, out
-    return a_t ** 0.5 * x_t - (1 - a_t) ** 0.5 * out, (1 - a_t) ** 0.5 * x_t + a_t ** 0.5 * out   # from v
-
-
-def respaced_timesteps(num_steps, num_timesteps=NUM_TIMESTEPS):
-    """num_steps of the training steps, evenly spread, from the noisiest down: e.g. [999, 979, ..., 0]."""
-    return np.linspace(0, num_timesteps - 1, num_steps).round().astype(np.int64)[::-1].tolist()
-
-
-def ddpm_step(x_t, x0, a_t, a_prev, noise):
-    """Ancestral sampling from the posterior q(x_prev | x_t, x0) with the predicted x0.
-    a_t, a_prev: alpha_bar of this and the next (respaced) step; beta = 1 - a_t / a_prev."""
-    beta = 1 - a_t / a_prev
-    mean = (a_prev ** 0.5 * beta / (1 - a_t)) * x0 + ((1 - beta) ** 0.5 * (1 - a_prev) / (1 - a_t)) * x_t
-    variance = beta * (1 - a_prev) / (1 - a_t)
-    return mean + variance ** 0.5 * noise
-
-
-def ddim_step(x_t, x0, eps, a_t, a_prev, noise, eta=0.0):
-    """DDIM: move to the predicted x0, re-noised to step a_prev; eta=0 is deterministic, eta=1 is DDPM."""
-    sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
-    return a_prev ** 0.5 * x0 + (1 - a_prev - sigma ** 2) ** 0.5 * eps + sigma * noise
-
-
-def guided_output(model, x, t, labels, cfg_scale):
-    """Classifier-free guidance: out_uncond + s * (out_cond - out_uncond), both passes in one batch;
-    s = 1 is the conditional model alone (one pass). The target conversions are affine in the output
-    with weights summing to one, so guiding eps, x0 or v gives the same x0 and eps."""
-    with autocast(x.device):
-        if cfg_scale == 1.0:
-            return model(x, t, labels).float()
-        null = torch.full_like(labels, model.num_classes)
-        out_cond, out_uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null])).float().chunk(2)
-    return out_uncond + cfg_scale * (out_cond - out_uncond)
-
-
-@torch.no_grad()
-def sample_latents(model, labels, num_steps=50, sampler="ddpm", eta=0.0, cfg_scale=1.0, generator=None,
-                   shape=None, schedule="linear", target="eps"):
-    """Run the reverse process from pure noise to standardised latents (N, C, H, W).
-    With cfg_scale != 1, the conditional and the unconditional (null label) passes run as one batch."""
-    device, n = labels.device, len(labels)
-    alphas_cumprod = make_schedule(schedule)
-    x = torch.randn((n, *shape), generator=generator).to(device)
-    steps = respaced_timesteps(num_steps, len(alphas_cumprod))
-    for i, t in enumerate(steps):
-        a_t = alphas_cumprod[t].item()
-        a_prev = alphas_cumprod[steps[i + 1]].item() if i + 1 < len(steps) else 1.0
-        out = guided_output(model, x, torch.full((n,), t, device=device, dtype=torch.long), labels, cfg_scale)
-        x0, eps = to_x0_eps(out, x, a_t, target)
-        noise = torch.randn(x.shape, generator=generator).to(device)
-        if i + 1 == len(steps):
-            noise = torch.zeros_like(noise)   # the last step adds no noise
-        x = ddpm_step(x, x0, a_t, a_prev, noise) if sampler == "ddpm" else ddim_step(x, x0, eps, a_t, a_prev, noise, eta)
-    return x
-
-
-def decode_latents(decoder, z, latent_stats):
-    """Undo the standardisation and decode: (N, C, h, w) -> (N, H, W, 3) uint8."""
-    mean, std = (latent_stats[k].to(z.device)[None, :, None, None] for k in ("mean", "std"))
-    with autocast(z.device):
-        return to_uint8_images(decoder(z * std + mean))
-
-
 # -----------------------------------------------------------------------------
-# The latent cache and training
-
-def load_autoencoder(path):
-    """A finished autoencoder.pt (with its latent statistics) and its sha256, which ties a DiT to it."""
-    ae = load_checkpoint(path, stage=2)
-    if ae["latent_stats"] is None:
-        raise UserError(f"{path} is unfinished (stopped at step {ae['step']}, no latent statistics yet): "
-                        f"finish it with stage2_decoder.py --resume")
-    return ae, file_digest(path, "sha256")
-
-
-@torch.no_grad()
-def build_latent_cache(ae, digest, cache_path, device, batch_size=500, num_heldout=1000):
-    """Encode the training set once (and its horizontal flips, unless stage 1 turned flips off) and
-    num_heldout test images; standardise; reuse while autoencoder.pt is unchanged. A damaged cache is built again."""
-    if cache_path.exists():
-        try:
-            cache = torch.load(cache_path, weights_only=True)
-            if cache.get("autoencoder_sha256") == digest and "heldout_latents" in cache:
-                return cache
-        except Exception:
-            print(f"{cache_path} is damaged; encoding the latents again", file=sys.stderr)
-    config = ae["config"]
-    encoder = Encoder(**autoencoder_kwargs(config)).to(device).eval()
-    encoder.load_state_dict(ae["encoder"])
-    encoder.to(memory_format=torch.channels_last)   # about 25% faster convolutions on a CPU (same latents up to rounding)
-    mean, std = (ae["latent_stats"][k][None, :, None, None] for k in ("mean", "std"))
-
-    def encode(images, flip, desc):   # (N, H, W, 3) uint8 -> (N, C, h, w) standardised latents
-        latents = []
-        for i in tqdm(range(0, len(images), batch_size), desc=desc):
-            x = to_model_input(images[i:i + batch_size]).to(device)
-            with autocast(device):
-                z = encoder((x.flip(3) if flip else x).contiguous(memory_format=torch.channels_last)).float().cpu()
-            latents.append((z - mean) / std)
-        return torch.cat(latents)
-
-    data = load_data(config["data"], config["data_dir"], "train", config["image_size"])
-    flips = (False, True) if config.get("flip", True) else (False,)
-    latents = torch.cat([encode(data.images, flip, "encoding latents" + (" (flipped)" if flip else "")) for flip in flips])
-    test = load_data(config["data"], config["data_dir"], "test", config["image_size"])
-    idx = spread_indices(len(test.images), num_heldout)
-    cache = {"autoencoder_sha256": digest, "latents": latents, "labels": data.labels.repeat(len(flips)),
-             "class_names": data.class_names, "flip": len(flips) == 2,
-             "heldout_latents": encode(test.images[idx], False, "encoding held-out test latents"),
-             "heldout_labels": test.labels[idx]}
-    save_checkpoint(cache, cache_path)
-    return cache
-
+# Training
 
 @torch.no_grad()
 def fixed_step_loss(model, latents, labels, config, device, num_t=10, batch_size=500):
-    """The training loss at fixed steps t = 50, 150, ..., 950 and fixed noise, true labels: on held-out
-    latents it measures how hard a latent is for the DiT, comparable between runs (and autoencoders)."""
+    """The training loss at fixed steps t = 50, 150, ..., 950 and fixed noise, true labels: on
+    held-out latents it measures how hard a latent is for the DiT, comparable between runs."""
     alphas_cumprod = make_schedule(config["schedule"]).to(device)
-    g, total = torch.Generator().manual_seed(0), 0.0
+    g = torch.Generator().manual_seed(0)
+    total = 0.0
     for t_value in range(NUM_TIMESTEPS // (2 * num_t), NUM_TIMESTEPS, NUM_TIMESTEPS // num_t):
         for i in range(0, len(latents), batch_size):
-            x0, y = latents[i:i + batch_size].to(device), labels[i:i + batch_size].to(device)
+            x0 = latents[i:i + batch_size].to(device)
+            y = labels[i:i + batch_size].to(device)
             noise = torch.randn(x0.shape, generator=g).to(device)
             t = torch.full((len(x0),), t_value, device=device, dtype=torch.long)
-            total += weighted_error(model, x0, t, y, noise, alphas_cumprod, config).mean(dim=(1, 2, 3)).sum().item()
+            error = weighted_error(model, x0, t, y, noise, alphas_cumprod, config)
+            total += error.mean(dim=(1, 2, 3)).sum().item()
     return total / (num_t * len(latents))
-
 
 def update_ema(ema, model, decay):
     """ema <- decay * ema + (1 - decay) * model, parameter by parameter."""
@@ -407,17 +287,16 @@ def update_ema(ema, model, decay):
         for e, p in zip(ema.parameters(), model.parameters()):
             e.lerp_(p, 1 - decay)
 
-
 def lr_at(step, config, total_steps):
-    """Linear warm-up, then constant (`constant`) or half a cosine down to zero at total_steps (`cosine`)."""
+    """Linear warm-up, then constant (`constant`) or half a cosine down to zero at total_steps
+    (`cosine`)."""
     if step < config["warmup"] or config["lr_schedule"] == "constant":
         return config["lr"] * min(1.0, (step + 1) / max(1, config["warmup"]))
     progress = (step - config["warmup"]) / max(1, total_steps - config["warmup"])
     return config["lr"] * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
-
 def setup_distributed(device_name):
-    """(rank, world_size): torchrun sets RANK and WORLD_SIZE; a plain `python` run is rank 0 of 1."""
+    """(rank, world_size): torchrun sets RANK and WORLD_SIZE; a plain `python` run is 0 of 1."""
     if "RANK" not in os.environ:
         return 0, 1
     cuda = torch.cuda.is_available() and device_name != "cpu"
@@ -426,29 +305,33 @@ def setup_distributed(device_name):
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     return dist.get_rank(), dist.get_world_size()
 
-
 def train(args):
+    """Encode (once) and cache the latents, train the DiT on them with an EMA copy; write
+    RUN/dit.pt with the held-out loss, and dit_samples.png."""
     run = Path(args.run)
-    ae_path, ckpt_path, log_path = (run / "autoencoder.pt").resolve(), run / "dit.pt", run / "log_dit.jsonl"
+    ae_path = (run / "autoencoder.pt").resolve()
+    ckpt_path = run / "dit.pt"
+    log_path = run / "log_dit.jsonl"
     ae, ae_digest = load_autoencoder(ae_path)
     if args.resume:
         ckpt = resume_checkpoint(ckpt_path, log_path, stage=3, steps=args.steps)
-        config = {"target": "eps", "min_snr_gamma": 0.0, "schedule": "linear", "t_sampling": "uniform",
-                  "lr_schedule": "constant", **ckpt["config"]}   # a checkpoint from before these options trained with these values
-        if ckpt.get("autoencoder_sha256", ae_digest) != ae_digest:
-            raise UserError(f"{ae_path} is not the autoencoder {ckpt_path} was trained on (its sha256 differs): "
-                            f"resuming would train on another latent space; start a new run instead")
+        config = ckpt["config"]
+        if ckpt["autoencoder_sha256"] != ae_digest:
+            raise UserError(f"{ae_path} is not the autoencoder {ckpt_path} was trained on (its "
+                            f"sha256 differs): resuming would train on another latent space; "
+                            f"start a new run instead")
     else:
         latent_size = ae["config"]["image_size"] // 2 ** (len(ae["config"]["ch_mult"]) - 1)
         config = dict(model=args.model, patch=args.patch, input_size=latent_size,
                       in_channels=ae["config"]["latent_channels"], attn=args.attn, lr=args.lr,
                       batch_size=args.batch_size, warmup=args.warmup, grad_clip=args.grad_clip,
                       ema_decay=args.ema_decay, class_dropout=args.class_dropout, seed=args.seed,
-                      target=args.target, schedule=args.schedule, min_snr_gamma=args.min_snr_gamma,
-                      t_sampling=args.t_sampling, lr_schedule=args.lr_schedule,
-                      autoencoder_path=str(ae_path))
-    if config["patch"] < 1 or config["input_size"] % config["patch"]:
-        raise UserError(f"--patch {config['patch']} does not divide the {config['input_size']}x{config['input_size']} latent")
+                      target=args.target, schedule=args.schedule,
+                      min_snr_gamma=args.min_snr_gamma, t_sampling=args.t_sampling,
+                      lr_schedule=args.lr_schedule, autoencoder_path=str(ae_path))
+    size = config["input_size"]
+    if config["patch"] < 1 or size % config["patch"]:
+        raise UserError(f"--patch {config['patch']} does not divide the {size}x{size} latent")
     rank, world = setup_distributed(args.device)
     device = pick_device(args.device)
     if device.type == "cuda" and world > 1:
@@ -461,13 +344,15 @@ def train(args):
         cache = cache or build_latent_cache(ae, ae_digest, cache_path, device)
     config.update(num_classes=len(cache["class_names"]), class_names=cache["class_names"])
     if config["batch_size"] % world:
-        raise UserError(f"--batch-size {config['batch_size']} is not divisible by the {world} processes")
+        raise UserError(f"--batch-size {config['batch_size']} is not divisible by the {world} "
+                        f"processes")
     local_batch = config["batch_size"] // world
 
     torch.manual_seed(config["seed"])
     model = build_dit(config).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=0.0, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=0.0,
+                                  fused=device.type == "cuda")
     step = 0
     if args.resume:
         model.load_state_dict(ckpt["model"])
@@ -477,9 +362,10 @@ def train(args):
     elif rank == 0:
         log_path.unlink(missing_ok=True)
     if rank == 0:
+        resuming = f", resuming at step {step}" if step else ""
         print(f"{config['model']}/{config['patch']}: {count_params(model)}, "
-              f"{(config['input_size'] // config['patch']) ** 2} tokens, {len(cache['latents'])} cached latents, "
-              f"device {device}, {world} process(es)" + (f", resuming at step {step}" if step else ""), file=sys.stderr)
+              f"{(size // config['patch']) ** 2} tokens, {len(cache['latents'])} cached latents, "
+              f"device {device}, {world} process(es){resuming}", file=sys.stderr)
 
     latents = cache["latents"][rank::world].to(device)   # each rank trains on its own shard
     labels = cache["labels"][rank::world].to(device)
@@ -488,19 +374,24 @@ def train(args):
     alphas_cumprod = make_schedule(config["schedule"]).to(device)
 
     def checkpoint(metrics):
-        save_checkpoint({"stage": 3, "config": config, "model": model.state_dict(), "ema": ema.state_dict(),
-                         "optimizer": optimizer.state_dict(), "step": step, "latent_stats": ae["latent_stats"],
-                         "autoencoder_path": str(ae_path), "autoencoder_sha256": ae_digest, "metrics": metrics},
-                        ckpt_path)
+        save_checkpoint({"stage": 3, "config": config, "model": model.state_dict(),
+                         "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                         "step": step, "latent_stats": ae["latent_stats"],
+                         "autoencoder_path": str(ae_path), "autoencoder_sha256": ae_digest,
+                         "metrics": metrics}, ckpt_path)
 
-    progress = Progress(log_path, args.steps, step, config["batch_size"], args.log_every, "DiT") if rank == 0 else None
+    progress = None
+    if rank == 0:
+        progress = Progress(log_path, args.steps, step, config["batch_size"], args.log_every, "DiT")
     model.train()
     try:
         while step < args.steps:
-            # Every random draw of this step comes from its own generator: a resumed run repeats them exactly.
-            g = torch.Generator().manual_seed((config["seed"] * 1_000_003 + step) * 64 + rank)
+            # Every random draw of this step comes from its own generator: a resumed run repeats
+            # them exactly.
+            g = seeded_generator(config["seed"], step, stream=rank, num_streams=64)
             idx = torch.randint(len(latents), (local_batch,), generator=g).to(device)
-            x0, y = latents[idx], drop_labels(labels[idx].cpu(), config["num_classes"], config["class_dropout"], g)
+            x0 = latents[idx]                                                # (N, C, h, w)
+            y = drop_labels(labels[idx].cpu(), config["num_classes"], config["class_dropout"], g)
             t = sample_timesteps(local_batch, config["t_sampling"], g).to(device)
             noise = torch.randn(x0.shape, generator=g).to(device)
             for group in optimizer.param_groups:
@@ -510,7 +401,8 @@ def train(args):
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
             optimizer.step()
-            # EMA warm-up: a short run's average does not start from (and stay near) the random init.
+            # EMA warm-up: a short run's average does not start from (and stay near) the random
+            # init; --ema-decay caps it (0.999 is reached after about 9,000 steps).
             update_ema(ema, model, min(config["ema_decay"], (1 + step) / (10 + step)))
             step += 1
             if rank == 0:
@@ -525,88 +417,50 @@ def train(args):
             progress.close()
     if rank == 0:
         ema.eval()
-        metrics = {"final_loss": loss.item(),
-                   "heldout_loss": fixed_step_loss(ema, cache["heldout_latents"], cache["heldout_labels"], config, device)}
-        checkpoint(metrics)
-        decoder = Decoder(**autoencoder_kwargs(ae["config"])).to(device).eval()
-        decoder.load_state_dict(ae["decoder"])
-        y = torch.arange(config["num_classes"], device=device).repeat_interleave(8)
-        z = sample_latents(ema, y, 25, "ddim", cfg_scale=2.0, generator=torch.Generator().manual_seed(0),
-                           shape=(config["in_channels"], config["input_size"], config["input_size"]),
-                           schedule=config["schedule"], target=config["target"])
-        save_grid(decode_latents(decoder, z, ae["latent_stats"]), run / "dit_samples.png", nrow=8)
-        print(f"wrote {ckpt_path} and {run / 'dit_samples.png'} (25 DDIM steps, guidance 2); held-out loss "
-              f"(EMA, fixed steps and noise) {metrics['heldout_loss']:.4f}", file=sys.stderr)
+        heldout = fixed_step_loss(ema, cache["heldout_latents"], cache["heldout_labels"], config,
+                                  device)
+        checkpoint({"final_loss": loss.item(), "heldout_loss": heldout})
+        from sample import save_sample_grid   # sample.py imports this file: import it late
+        save_sample_grid(ema, ae, config, run / "dit_samples.png", device)
+        print(f"wrote {ckpt_path} and {run / 'dit_samples.png'} (25 DDIM steps, guidance 2); "
+              f"held-out loss (EMA, fixed steps and noise) {heldout:.4f}", file=sys.stderr)
     if world > 1:
         dist.destroy_process_group()
-
-
-# -----------------------------------------------------------------------------
-# Benchmark: training steps on random latents, sdpa against manual attention, compile on and off
-
-def benchmark(args, warmup=5, steps=20):
-    device = pick_device(args.device)
-    config = dict(model=args.model, patch=args.patch, input_size=args.latent_size, in_channels=args.latent_channels,
-                  num_classes=10)
-    B, sync = args.batch_size, (torch.cuda.synchronize if device.type == "cuda" else lambda: None)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"{config['model']}/{config['patch']}, latent {args.latent_channels}x{args.latent_size}x{args.latent_size}, "
-          f"batch {B}, {'bf16' if device.type == 'cuda' else 'fp32'} on {name}")
-    for attn, compiled in ((a, c) for a in ("sdpa", "manual") for c in (False, True)):
-        model = build_dit(dict(config, attn=attn)).to(device)
-        net = torch.compile(model) if compiled else model
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-        x = torch.randn(B, args.latent_channels, args.latent_size, args.latent_size, device=device)
-        t, y = torch.randint(0, 1000, (B,), device=device), torch.randint(0, 10, (B,), device=device)
-        try:   # the first steps compile; a machine without a C++ compiler fails here
-            for i in range(warmup + steps):
-                if i == warmup:
-                    sync()
-                    t0 = time.perf_counter()
-                with autocast(device):
-                    loss = F.mse_loss(net(x, t, y).float(), x)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-        except Exception as e:
-            print(f"  attn={attn:6s} compile={str(compiled):5s}  failed: {e.__class__.__name__}: {str(e)[:80]}")
-            continue
-        sync()
-        seconds = (time.perf_counter() - t0) / steps
-        line = f"  attn={attn:6s} compile={str(compiled):5s}  {B / seconds:9.1f} images/s  {1000 * seconds:8.1f} ms/step"
-        print(line + (f"  {3 * dit_flops_per_image(config) * B / seconds / 1e12:6.1f} TFLOP/s" if device.type == "cuda" else ""))
-
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--run", default="runs/shapes", help="run folder: reads autoencoder.pt, writes dit.pt")
+    p.add_argument("--run", required=True, help="run folder: reads autoencoder.pt, writes dit.pt")
     p.add_argument("--model", choices=list(DIT_SIZES), default=MODEL, help="DiT size")
     p.add_argument("--patch", type=int, default=PATCH, help="patch size on the latent")
-    p.add_argument("--attn", choices=["sdpa", "manual"], default="sdpa", help="fused SDPA or the hand-written attention")
-    p.add_argument("--warmup", type=int, default=WARMUP, help="steps of linear learning-rate warm-up")
+    p.add_argument("--attn", choices=["sdpa", "manual"], default="sdpa",
+                   help="fused SDPA or the hand-written attention")
+    p.add_argument("--warmup", type=int, default=WARMUP, help="steps of linear warm-up of the lr")
     p.add_argument("--grad-clip", type=float, default=GRAD_CLIP, help="gradient norm clipping")
-    p.add_argument("--ema-decay", type=float, default=EMA_DECAY, help="decay of the EMA weights used for sampling")
-    p.add_argument("--target", choices=["eps", "v"], default=TARGET, help="what the DiT predicts: noise or velocity")
-    p.add_argument("--schedule", choices=["linear", "cosine"], default="linear", help="noise schedule")
-    p.add_argument("--min-snr-gamma", type=float, default=MIN_SNR_GAMMA, help="min-SNR loss weighting gamma (0: off)")
-    p.add_argument("--t-sampling", choices=["uniform", "logit-normal"], default=T_SAMPLING, help="how training timesteps are drawn")
+    p.add_argument("--ema-decay", type=float, default=EMA_DECAY, help="the most the EMA's decay "
+                   "reaches: it warms up as (1 + step) / (10 + step) until it gets there")
+    p.add_argument("--target", choices=["eps", "v"], default=TARGET, help="predict noise or v")
+    p.add_argument("--schedule", choices=["linear", "cosine"], default="linear",
+                   help="noise schedule")
+    p.add_argument("--min-snr-gamma", type=float, default=MIN_SNR_GAMMA,
+                   help="min-SNR loss weighting gamma (0: off)")
+    p.add_argument("--t-sampling", choices=["uniform", "logit-normal"], default=T_SAMPLING,
+                   help="how training timesteps are drawn")
     p.add_argument("--lr-schedule", choices=["constant", "cosine"], default=LR_SCHEDULE,
-                   help="learning rate after the warm-up: constant, or a cosine down to zero at this run's last --steps")
-    p.add_argument("--class-dropout", type=float, default=CLASS_DROPOUT, help="label dropout for guidance")
+                   help="learning rate after the warm-up: constant, or a cosine down to zero at "
+                   "this run's last --steps")
+    p.add_argument("--class-dropout", type=float, default=CLASS_DROPOUT, help="label dropout (CFG)")
     add_training_flags(p, STEPS, BATCH_SIZE, LR, ckpt_every=2000, checkpoint="dit.pt")
-    p.add_argument("--benchmark", action="store_true", help="time training steps on random latents and exit")
-    p.add_argument("--latent-size", type=int, default=8, help="benchmark: latent side")
-    p.add_argument("--latent-channels", type=int, default=4, help="benchmark: latent channels")
     argv = sys.argv[1:] if argv is None else argv
-    # torchrun's own parser mistakes `--run` for its `--run-path`: `torchrun ... train_latent_dit.py -- --run DIR`
+    # torchrun's parser takes `--run` for its `--run-path`: `torchrun ... file.py -- --run DIR`
     args = p.parse_args(argv[1:] if argv[:1] == ["--"] else argv)
-    check_training_flags(args)
+    check_training_flags(args, STEPS)
     if args.patch < 1 or args.warmup < 0 or not args.grad_clip > 0 or args.min_snr_gamma < 0:
-        raise UserError("--patch must be positive, --warmup and --min-snr-gamma not negative, --grad-clip positive")
+        raise UserError("--patch must be positive, --warmup and --min-snr-gamma not negative, "
+                        "--grad-clip positive")
     if not (0 <= args.ema_decay < 1 and 0 <= args.class_dropout < 1):
         raise UserError("--ema-decay and --class-dropout must lie in [0, 1)")
-    benchmark(args) if args.benchmark else train(args)
+    train(args)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Shared test helpers: run a script as a user would, and a shapes dataset built once per session."""
+"""Shared test helpers: run a script as a user would, and a shapes dataset built once."""
+
 import os
 import subprocess
 import sys
@@ -13,31 +14,41 @@ sys.path.insert(0, str(ROOT))
 def run_script(script, *args, cwd=None, check=True):
     """Run one of the project's scripts in a subprocess on the CPU; returns the CompletedProcess."""
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2")
-    result = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd or ROOT,
-                            env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / script), *map(str, args)],
+        cwd=cwd or ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if check and result.returncode != 0:
-        raise AssertionError(f"{script} {' '.join(map(str, args))} failed:\n{result.stderr[-3000:]}")
+        raise AssertionError(
+            f"{script} {' '.join(map(str, args))} failed:\n{result.stderr[-3000:]}"
+        )
     return result
 
 
 @pytest.fixture(scope="session")
 def shapes_dir(tmp_path_factory):
     """A data folder holding the cached shapes dataset (built once: about 6 s)."""
-    import stage1_encoder
+    import common
+
     data_dir = tmp_path_factory.mktemp("data")
-    stage1_encoder.load_shapes(data_dir, "train")
+    common.load_shapes(data_dir, "train")
     return data_dir
 
 
 @pytest.fixture(scope="session")
 def shapes_folder(tmp_path_factory):
-    """A small folder of shapes (20 PNGs in each of 10 class sub-folders): fast data for pipeline tests."""
+    """A small folder of shapes (20 PNGs in each of 10 class sub-folders): fast test data."""
     from PIL import Image
-    import stage1_encoder
+    import common
+
     folder = tmp_path_factory.mktemp("shapes_folder")
-    images, labels = stage1_encoder.make_shapes(200, seed=3)
+    images, labels = common.make_shapes(200, seed=3)
     for i, (image, label) in enumerate(zip(images, labels)):
-        path = folder / stage1_encoder.SHAPES_CLASSES[label] / f"{i:04d}.png"
+        path = folder / common.SHAPES_CLASSES[label] / f"{i:04d}.png"
         path.parent.mkdir(exist_ok=True)
         Image.fromarray(image).save(path)
     return folder
@@ -45,10 +56,21 @@ def shapes_folder(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def autoencoder_run(shapes_folder, tmp_path_factory):
-    """A tiny DAE (stage 1 + stage 2) on the small shapes folder: a run folder with autoencoder.pt."""
+    """A tiny DAE (stage 1 + stage 2) on the small shapes folder: a run with autoencoder.pt."""
     run = tmp_path_factory.mktemp("ae_run")
-    run_script("stage1_encoder.py", "--data", shapes_folder, "--run", run, "--steps", "20", "--channels", "16",
-               "--batch-size", "16")
+    run_script(
+        "stage1_encoder.py",
+        "--data",
+        shapes_folder,
+        "--run",
+        run,
+        "--steps",
+        "20",
+        "--channels",
+        "16",
+        "--batch-size",
+        "16",
+    )
     run_script("stage2_decoder.py", "--run", run, "--steps", "20", "--batch-size", "16")
     return run
 
@@ -65,6 +87,17 @@ def copy_run(src, dst, *names):
 def dit_run(autoencoder_run, tmp_path_factory):
     """A tiny DiT trained for a few steps on the tiny autoencoder: a run folder with dit.pt."""
     run = copy_run(autoencoder_run, tmp_path_factory.mktemp("dit_run"), "autoencoder.pt")
-    run_script("train_latent_dit.py", "--run", run, "--model", "DiT-T", "--patch", "2", "--steps", "10",
-               "--batch-size", "16")
+    run_script(
+        "train_latent_dit.py",
+        "--run",
+        run,
+        "--model",
+        "DiT-T",
+        "--patch",
+        "2",
+        "--steps",
+        "10",
+        "--batch-size",
+        "16",
+    )
     return run

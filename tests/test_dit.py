@@ -1,4 +1,5 @@
 """The latent DiT: shapes, attention, adaLN-Zero, diffusion arithmetic, training, resume and DDP."""
+
 import json
 import math
 import os
@@ -8,24 +9,47 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
+import benchmark_dit
+import sample
 import train_latent_dit as dit
 from conftest import ROOT, copy_run, run_script
 
-TINY = ["--model", "DiT-T", "--patch", "2", "--batch-size", "16", "--log-every", "10", "--warmup", "1",
-        "--lr", "1e-3"]
+TINY = [
+    "--model",
+    "DiT-T",
+    "--patch",
+    "2",
+    "--batch-size",
+    "16",
+    "--log-every",
+    "10",
+    "--warmup",
+    "1",
+    "--lr",
+    "1e-3",
+]
 
 
 def small_dit(**kw):
-    return dit.DiT(input_size=8, in_channels=4, patch=2, hidden=64, depth=2, heads=4, num_classes=10, **kw)
+    return dit.DiT(
+        input_size=8, in_channels=4, patch=2, hidden=64, depth=2, heads=4, num_classes=10, **kw
+    )
 
 
 @pytest.mark.parametrize("model", list(dit.DIT_SIZES))
 @pytest.mark.parametrize("patch", [1, 2, 4])
 def test_output_shapes(model, patch):
-    config = dict(model=model, patch=patch, input_size=8, in_channels=4, num_classes=10, attn="sdpa")
+    config = dict(
+        model=model, patch=patch, input_size=8, in_channels=4, num_classes=10, attn="sdpa"
+    )
     net = dit.build_dit(config)
-    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([0, 999]), torch.tensor([3, 10])  # 10: the null label
+    x, t, y = (
+        torch.randn(2, 4, 8, 8),
+        torch.tensor([0, 999]),
+        torch.tensor([3, 10]),
+    )  # 10: the null label
     assert net(x, t, y).shape == (2, 4, 8, 8)
     depth, hidden, _ = dit.DIT_SIZES[model]
     assert len(net.blocks) == depth and net.pos_embed.shape == (1, (8 // patch) ** 2, hidden)
@@ -41,8 +65,9 @@ def test_manual_attention_equals_sdpa(dtype, tol):
     out_s, out_m = sdpa(x), manual(x)
     torch.testing.assert_close(out_m, out_s, rtol=0, atol=tol)
     grad = torch.randn_like(out_s)
-    (gx_s, gw_s), (gx_m, gw_m) = (torch.autograd.grad(o, (x, m.qkv.weight), grad) for o, m in
-                                  ((out_s, sdpa), (out_m, manual)))
+    (gx_s, gw_s), (gx_m, gw_m) = (
+        torch.autograd.grad(o, (x, m.qkv.weight), grad) for o, m in ((out_s, sdpa), (out_m, manual))
+    )
     torch.testing.assert_close(gx_m, gx_s, rtol=0, atol=tol)
     torch.testing.assert_close(gw_m, gw_s, rtol=0, atol=tol * 10)
 
@@ -57,13 +82,15 @@ def test_adaln_zero_starts_as_identity_and_predicts_zero():
 
 
 def test_pos_embed_is_the_2d_sincos():
-    pe = dit.pos_embed_2d(8, 3)   # 8 channels: 4 for the row, 4 for the column
+    pe = dit.pos_embed_2d(8, 3)  # 8 channels: 4 for the row, 4 for the column
     assert pe.shape == (9, 8)
     row, col = 1, 2
-    expected_row = torch.tensor([torch.sin(torch.tensor(row * w)) for w in (1.0, 0.01)] +
-                                [torch.cos(torch.tensor(row * w)) for w in (1.0, 0.01)])
+    expected_row = torch.tensor(
+        [torch.sin(torch.tensor(row * w)) for w in (1.0, 0.01)]
+        + [torch.cos(torch.tensor(row * w)) for w in (1.0, 0.01)]
+    )
     torch.testing.assert_close(pe[row * 3 + col, :4], expected_row)
-    assert torch.equal(pe[0 * 3 + col, 4:], pe[2 * 3 + col, 4:])   # same column, same column half
+    assert torch.equal(pe[0 * 3 + col, 4:], pe[2 * 3 + col, 4:])  # same column, same column half
 
 
 def test_q_sample_closed_form():
@@ -76,7 +103,9 @@ def test_q_sample_closed_form():
     xt = dit.q_sample(x0, t, noise, alphas_cumprod)
     a = expected_abar.float()[:, None, None, None]
     torch.testing.assert_close(xt, a.sqrt() * x0 + (1 - a).sqrt() * noise)
-    assert 0.99 < alphas_cumprod[0] and alphas_cumprod[-1] < 1e-4   # almost clean .. almost pure noise
+    assert (
+        0.99 < alphas_cumprod[0] and alphas_cumprod[-1] < 1e-4
+    )  # almost clean .. almost pure noise
 
 
 def test_label_dropout_rate():
@@ -101,7 +130,9 @@ def test_loss_falls_on_tiny_random_latents():
     torch.manual_seed(0)
     net = small_dit()
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
-    latents = torch.randn(10, 4, 8, 8)   # one fixed latent per class: the model can learn to denoise it
+    latents = torch.randn(
+        10, 4, 8, 8
+    )  # one fixed latent per class: the model can learn to denoise it
     alphas_cumprod = dit.make_schedule()
     losses = []
     for step in range(80):
@@ -115,11 +146,17 @@ def test_loss_falls_on_tiny_random_latents():
     assert sum(losses[-10:]) / 10 < 0.6 * sum(losses[:10]) / 10
 
 
-def test_flop_count():
-    config = dict(model="DiT-S", patch=2, input_size=8, in_channels=4)
-    d, T = 384, 16
-    per_block = 24 * T * d * d + 4 * T * T * d + 12 * d * d
-    assert dit.dit_flops_per_image(config) == 12 * per_block + 4 * T * d * 4 * 4
+@pytest.mark.parametrize("model,patch", [("DiT-S", 2), ("DiT-T", 4), ("DiT-N", 1)])
+def test_flop_count_is_the_models_own_count_of_matmuls(model, patch):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = dict(
+        model=model, patch=patch, input_size=8, in_channels=4, num_classes=10, attn="manual"
+    )
+    net = dit.build_dit(config)
+    with FlopCounterMode(display=False) as counter:  # every mm, bmm and conv of one forward pass
+        net(torch.randn(3, 4, 8, 8), torch.tensor([1, 500, 999]), torch.tensor([0, 1, 10]))
+    assert benchmark_dit.dit_flops_per_image(config) * 3 == counter.get_total_flops()
 
 
 def read_log(path):
@@ -127,14 +164,18 @@ def read_log(path):
 
 
 def test_train_resume_reproduces_the_loss_curve(autoencoder_run, tmp_path):
-    # A constant learning rate: a cosine one decays over each invocation's --steps (see test_lr_schedule).
+    # A constant learning rate: a cosine one decays over each invocation's --steps.
     a = copy_run(autoencoder_run, tmp_path / "a", "autoencoder.pt")
     b = copy_run(autoencoder_run, tmp_path / "b", "autoencoder.pt")
-    run_script("train_latent_dit.py", "--run", a, "--steps", "40", *TINY, "--lr-schedule", "constant")
-    run_script("train_latent_dit.py", "--run", b, "--steps", "20", *TINY, "--lr-schedule", "constant")
+    run_script(
+        "train_latent_dit.py", "--run", a, "--steps", "40", *TINY, "--lr-schedule", "constant"
+    )
+    run_script(
+        "train_latent_dit.py", "--run", b, "--steps", "20", *TINY, "--lr-schedule", "constant"
+    )
     cache_time = (b / "latents.pt").stat().st_mtime_ns
     run_script("train_latent_dit.py", "--run", b, "--steps", "40", *TINY, "--resume")
-    assert (b / "latents.pt").stat().st_mtime_ns == cache_time   # the latent cache was reused
+    assert (b / "latents.pt").stat().st_mtime_ns == cache_time  # the latent cache was reused
     log_a, log_b = read_log(a / "log_dit.jsonl"), read_log(b / "log_dit.jsonl")
     assert [r["step"] for r in log_b] == [10, 20, 30, 40]
     for ra, rb in zip(log_a, log_b):
@@ -145,45 +186,74 @@ def test_train_resume_reproduces_the_loss_curve(autoencoder_run, tmp_path):
     assert set(ckpt["ema"]) == set(ckpt["model"])
     cache = torch.load(a / "latents.pt", weights_only=True)
     n = len(cache["labels"]) // 2
-    assert cache["latents"].shape == (2 * n, 4, 8, 8)   # the images and their flips
-    assert abs(cache["latents"].mean().item()) < 0.1 and abs(cache["latents"].std().item() - 1) < 0.1
-    assert (a / "dit_samples.png").exists()
+    assert cache["latents"].shape == (2 * n, 4, 8, 8)  # the images and their flips
+    assert (
+        abs(cache["latents"].mean().item()) < 0.1 and abs(cache["latents"].std().item() - 1) < 0.1
+    )
+    # eight samples per class, one row for each of the folder's ten classes, shown at 2x
+    assert Image.open(a / "dit_samples.png").size == ((8 * 34 + 2) * 2, (10 * 34 + 2) * 2)
 
 
 def test_two_process_gloo_run(autoencoder_run, tmp_path):
     run = copy_run(autoencoder_run, tmp_path / "ddp", "autoencoder.pt")
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(ROOT / "train_latent_dit.py"), "--", "--run", str(run), "--steps", "6", *TINY],
-                            env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(ROOT / "train_latent_dit.py"),
+            "--",
+            "--run",
+            str(run),
+            "--steps",
+            "6",
+            *TINY,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert torch.load(run / "dit.pt", weights_only=True)["step"] == 6
-    assert sorted(p.name for p in run.iterdir() if p.suffix == ".pt") == ["autoencoder.pt", "dit.pt", "latents.pt"]
-    assert len(read_log(run / "log_dit.jsonl")) == 1   # one writer: rank 0
+    assert sorted(p.name for p in run.iterdir() if p.suffix == ".pt") == [
+        "autoencoder.pt",
+        "dit.pt",
+        "latents.pt",
+    ]
+    assert len(read_log(run / "log_dit.jsonl")) == 1  # one writer: rank 0
 
 
 @pytest.mark.parametrize("target", ["eps", "v"])
 def test_min_snr_weighting_is_the_clipped_snr_on_the_x0_error(target):
-    # min-SNR-gamma: whatever the target, the weighted loss equals min(SNR, gamma) * (x0_hat - x0)^2.
+    # min-SNR-gamma: for every target, the weighted loss is min(SNR, gamma) * (x0_hat - x0)^2.
     alphas_cumprod = dit.make_schedule()
     t = torch.tensor([10, 200, 500, 900])
     a = alphas_cumprod[t].double()[:, None, None, None]
     x0, noise, out = torch.randn(3, 4, 4, 8, 8, dtype=torch.float64).unbind(0)
     x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-    weighted = dit.loss_weight(a, target, 5.0) * (out - dit.training_target(x0, noise, a, target)) ** 2
-    x0_hat, _ = dit.to_x0_eps(out, x_t, a, target)
+    weighted = (
+        dit.loss_weight(a, target, 5.0) * (out - dit.training_target(x0, noise, a, target)) ** 2
+    )
+    x0_hat, _ = sample.to_x0_eps(out, x_t, a, target)
     snr = a / (1 - a)
     torch.testing.assert_close(weighted, snr.clamp(max=5.0) * (x0_hat - x0) ** 2)
-    assert torch.equal(dit.loss_weight(a, target, 0.0), torch.ones_like(a))   # 0: plain MSE
+    assert torch.equal(dit.loss_weight(a, target, 0.0), torch.ones_like(a))  # 0: plain MSE
 
 
 def test_lr_schedule():
     config = {"lr": 1e-3, "warmup": 10, "lr_schedule": "cosine"}
     lrs = [dit.lr_at(step, config, 110) for step in range(110)]
-    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)          # linear warm-up
-    assert lrs[10] == pytest.approx(1e-3) and lrs[60] == pytest.approx(5e-4)       # half way down: half
-    assert lrs[109] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 99 / 100))) and lrs[109] < 1e-6
-    assert all(x >= y for x, y in zip(lrs[10:], lrs[11:]))                         # never rises again
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)  # linear warm-up
+    assert lrs[10] == pytest.approx(1e-3) and lrs[60] == pytest.approx(5e-4)  # half way down: half
+    assert (
+        lrs[109] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 99 / 100)))
+        and lrs[109] < 1e-6
+    )
+    assert all(x >= y for x, y in zip(lrs[10:], lrs[11:]))  # never rises again
     assert dit.lr_at(60, dict(config, lr_schedule="constant"), 110) == 1e-3
 
 
@@ -191,7 +261,11 @@ def test_timestep_sampling():
     g = torch.Generator().manual_seed(0)
     uniform = dit.sample_timesteps(100_000, "uniform", g).float()
     logit = dit.sample_timesteps(100_000, "logit-normal", g).float()
-    assert uniform.min() == 0 and uniform.max() == 999 and abs((uniform < 100).float().mean() - 0.1) < 0.005
+    assert (
+        uniform.min() == 0
+        and uniform.max() == 999
+        and abs((uniform < 100).float().mean() - 0.1) < 0.005
+    )
     # t / T = sigmoid(u), u ~ N(0, 1): median at the middle, P(t < 100) = P(u < logit(0.1)) = 1.4%
     assert abs(logit.median() - 500) < 5 and abs((logit < 100).float().mean() - 0.0139) < 0.002
     assert logit.min() >= 0 and logit.max() <= 999
@@ -205,10 +279,24 @@ def test_fixed_step_loss_of_a_zero_predictor(target):
     class Zero(torch.nn.Module):
         def forward(self, x, t, y):
             return torch.zeros_like(x)
+
     config = {"schedule": "linear", "target": target, "min_snr_gamma": 5.0}
-    latents, labels = torch.randn(2000, 4, 8, 8, generator=torch.Generator().manual_seed(1)), torch.zeros(2000, dtype=torch.long)
+    latents, labels = torch.randn(
+        2000, 4, 8, 8, generator=torch.Generator().manual_seed(1)
+    ), torch.zeros(2000, dtype=torch.long)
     a = dit.make_schedule()[torch.arange(50, 1000, 100)].float()
     expected = dit.loss_weight(a, target, 5.0).mean().item()
     loss = dit.fixed_step_loss(Zero(), latents, labels, config, torch.device("cpu"))
     assert abs(loss - expected) < 0.01 * expected
     assert loss == dit.fixed_step_loss(Zero(), latents, labels, config, torch.device("cpu"))
+
+
+def test_a_damaged_latent_cache_is_built_again(autoencoder_run, tmp_path, capsys):
+    run = copy_run(autoencoder_run, tmp_path / "run", "autoencoder.pt")
+    args = ["--run", str(run), *TINY, "--steps", "3"]
+    dit.main(args)
+    good = torch.load(run / "latents.pt", weights_only=True)["latents"]
+    (run / "latents.pt").write_bytes(b"damaged")
+    dit.main(args)
+    assert "damaged" in capsys.readouterr().err
+    assert torch.equal(torch.load(run / "latents.pt", weights_only=True)["latents"], good)

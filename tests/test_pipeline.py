@@ -1,28 +1,55 @@
-"""End to end: the five scripts, run as a user runs them, on the real shapes data with tiny settings."""
+"""End to end: the five scripts, run as a user runs them, on the shapes data with tiny settings;
+and the README's commands against the scripts' flags."""
+
 import json
 
 import numpy as np
 import torch
 from PIL import Image
 
-from conftest import run_script
+from conftest import ROOT, run_script
 
 
 def test_five_stages_hand_each_file_on(shapes_dir, tmp_path):
     run, data = tmp_path / "runs" / "shapes", ["--data-dir", shapes_dir]
     tiny_ae = ["--channels", "16", "--batch-size", "32", "--log-every", "10"]
 
-    run_script("stage1_encoder.py", "--data", "shapes", *data, "--run", run, "--steps", "30", *tiny_ae)
+    run_script(
+        "stage1_encoder.py", "--data", "shapes", *data, "--run", run, "--steps", "30", *tiny_ae
+    )
     stage1 = torch.load(run / "stage1.pt", weights_only=True)
     assert stage1["stage"] == 1 and stage1["data"] == "shapes/train"
 
-    run_script("stage2_decoder.py", "--run", run, "--steps", "30", "--batch-size", "32", "--log-every", "10")
+    run_script(
+        "stage2_decoder.py",
+        "--run",
+        run,
+        "--steps",
+        "30",
+        "--batch-size",
+        "32",
+        "--log-every",
+        "10",
+    )
     ae = torch.load(run / "autoencoder.pt", weights_only=True)
     assert ae["stage"] == 2 and ae["stage1_path"] == str((run / "stage1.pt").resolve())
     assert ae["latent_stats"]["std"].shape == (4,)
 
-    run_script("train_latent_dit.py", "--run", run, "--model", "DiT-T", "--patch", "4", "--steps", "20",
-               "--batch-size", "32", "--log-every", "10")
+    run_script(
+        "train_latent_dit.py",
+        "--run",
+        run,
+        "--model",
+        "DiT-T",
+        "--patch",
+        "4",
+        "--steps",
+        "20",
+        "--batch-size",
+        "32",
+        "--log-every",
+        "10",
+    )
     dit = torch.load(run / "dit.pt", weights_only=True)
     assert dit["stage"] == 3 and dit["autoencoder_path"] == str((run / "autoencoder.pt").resolve())
     assert dit["config"]["class_names"][:2] == ["circle", "ring"]
@@ -35,8 +62,18 @@ def test_five_stages_hand_each_file_on(shapes_dir, tmp_path):
     assert samples["arr_0"].shape == (40, 32, 32, 3) and samples["arr_1"].shape == (40,)
     assert Image.open(run / "samples.png").size == ((3 * 34 + 2) * 2, (10 * 34 + 2) * 2)
 
-    result = run_script("fid.py", run / "samples.npz", "shapes", *data, "--split", "test", "--features", "classifier",
-                        "--classifier-steps", "100")
+    result = run_script(
+        "fid.py",
+        run / "samples.npz",
+        "shapes",
+        *data,
+        "--split",
+        "test",
+        "--features",
+        "classifier",
+        "--classifier-steps",
+        "100",
+    )
     lines = result.stdout.strip().splitlines()
     assert lines[-1].startswith("classifier-feature distance (NOT the standard FID")
     assert float(lines[-1].split()[-1]) > 0
@@ -45,5 +82,29 @@ def test_five_stages_hand_each_file_on(shapes_dir, tmp_path):
     for name in ("log_stage1.jsonl", "log_stage2.jsonl", "log_dit.jsonl"):
         records = [json.loads(line) for line in (run / name).read_text().splitlines()]
         assert records and all({"step", "loss"} <= set(r) for r in records)
-    for name in ("stage1_recon.png", "stage2_recon.png", "dit_samples.png", "samples.png"):
-        assert Image.open(run / name).size[0] > 0
+    tile = 32 + 2  # each 32x32 image with its border; the pictures are shown at 2x
+    for name in ("stage1_recon.png", "stage2_recon.png"):  # ten images above their reconstructions
+        assert Image.open(run / name).size == ((10 * tile + 2) * 2, (2 * tile + 2) * 2)
+    # eight samples for each of the ten classes
+    assert Image.open(run / "dit_samples.png").size == ((8 * tile + 2) * 2, (10 * tile + 2) * 2)
+
+
+def test_every_flag_in_the_readme_commands_exists():
+    """Each `python <script>.py ...` of the README, in a code block or inline, uses only flags that
+    the script's --help lists: the README's commands run as written."""
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    commands = []
+    for block in re.findall(r"```\n(.*?)```", text, re.S):
+        commands += re.findall(
+            r"python3? ((?:tests/)?\w+\.py)([^&|#;\n]*)", block.replace("\\\n", " ")
+        )
+    commands += re.findall(r"`python3? ((?:tests/)?\w+\.py)([^`]*)`", text.replace("\n", " "))
+    assert len(commands) > 15
+    helps = {}
+    for script, args in commands:
+        if script not in helps:
+            helps[script] = run_script(script, "--help").stdout
+        for flag in re.findall(r"(?<!\S)(--[a-z][a-z0-9-]*)", args):
+            assert flag in helps[script], f"{script} {flag}"

@@ -1,0 +1,500 @@
+"""
+The plumbing every stage shares, so that each stage script holds only its own idea.
+
+Read it as a toolbox, top to bottom: errors and the command line; the data sources (`cifar10`, the
+offline `shapes`, a folder of images) as uint8 images in memory; devices; run folders and atomic,
+safely loaded checkpoints; the progress bar with its JSONL log; pictures. It imports no
+stage script; every stage imports from it.
+"""
+import hashlib
+import json
+import os
+import pickle
+import sys
+import tarfile
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
+from tqdm import tqdm
+
+# -----------------------------------------------------------------------------
+# Errors and the command line
+
+class UserError(Exception):
+    """A mistake the user can fix, or a fault: printed as one sentence, with a non-zero exit."""
+    exit_code = 1
+
+class Interrupted(UserError):
+    """Ctrl-C during training: say where the last checkpoint is and how to continue (exit 130)."""
+    exit_code = 130
+
+    def __init__(self, ckpt_path):
+        how = (f"; the last checkpoint is {ckpt_path}: add --resume to the same command to continue"
+               if Path(ckpt_path).is_file() else " before the first checkpoint; run the same "
+               "command to start again")
+        super().__init__("stopped by Ctrl-C" + how)
+
+def run_cli(main):
+    """Run main(): a UserError, a file-system fault or Ctrl-C ends in one line, exit non-zero."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        print("error: stopped by Ctrl-C; nothing half-written was left behind", file=sys.stderr)
+        sys.exit(130)
+    except OSError as e:   # disk full, read-only folder, a folder where a file should be, ...
+        print(f"error: {e.strerror or e} ({e.filename}); check the path, free space and "
+              f"permissions", file=sys.stderr)
+        sys.exit(1)
+
+def add_training_flags(p, steps, batch_size, lr, ckpt_every, checkpoint):
+    """The flags every training stage shares."""
+    p.add_argument("--steps", type=int, default=steps, help="total training steps")
+    p.add_argument("--batch-size", type=int, default=batch_size, help="images per step")
+    p.add_argument("--lr", type=float, default=lr, help="peak AdamW learning rate")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to run")
+    p.add_argument("--compile", action="store_true", help="torch.compile the networks")
+    p.add_argument("--resume", action="store_true", help=f"continue RUN/{checkpoint} to --steps")
+    p.add_argument("--log-every", type=int, default=50, help="steps between log lines")
+    p.add_argument("--ckpt-every", type=int, default=ckpt_every, help="steps between checkpoints")
+
+def check_training_flags(args, gpu_steps):
+    """Refuse impossible values of the shared flags before any expensive work; without CUDA, note
+    that the GPU recipe's step count (`gpu_steps`) takes hours."""
+    for flag in ("steps", "batch_size", "log_every", "ckpt_every"):
+        value = getattr(args, flag)
+        if value < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be a positive integer, not {value}")
+    if not 0 < args.lr < float("inf"):
+        raise UserError(f"--lr must be a positive number, not {args.lr}")
+    if args.steps == gpu_steps and not torch.cuda.is_available():
+        print(f"note: --steps {gpu_steps} is the GPU recipe; without a GPU it takes hours (the "
+              f"bar shows how many): the README's CPU quick start uses far fewer", file=sys.stderr)
+
+
+# -----------------------------------------------------------------------------
+# Data: uint8 images (N, H, W, 3) in memory, scaled to [-1, 1] only when batched
+
+CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"
+SHAPES_SEED = 0
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+@dataclass
+class ImageData:
+    images: torch.Tensor    # (N, H, W, 3) uint8
+    labels: torch.Tensor    # (N,) int64
+    class_names: list
+    description: str
+
+def file_digest(path, algorithm):
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+def download(url, path, expected_digest, algorithm="md5"):
+    """Download url to path through a temp file; refuse a wrong digest (or prefix of one)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"fetching {path.name}") as bar:
+                for chunk in iter(lambda: response.read(1 << 20), b""):
+                    bar.update(f.write(chunk))
+        if not file_digest(tmp, algorithm).startswith(expected_digest):
+            raise UserError(f"the download of {url} has the wrong {algorithm} (expected "
+                            f"{expected_digest}): it is corrupt or truncated; try again")
+        os.replace(tmp, path)
+    except (urllib.error.URLError, OSError, TimeoutError) as e:
+        raise UserError(f"could not download {url} ({e}); download it by hand and put it at {path}")
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+class BatchUnpickler(pickle.Unpickler):
+    """Reads a CIFAR-10 batch and nothing else: dicts, lists, bytes, numbers and plain numpy arrays.
+    Any other class (a crafted file's __reduce__ payload: os.system, eval, ...) is refused."""
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy", "ndarray"), ("numpy", "dtype"),
+               ("numpy._core.multiarray", "_reconstruct"), ("_codecs", "encode")}   # encode: bytes
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a CIFAR-10 batch")
+        return super().find_class(module, name)
+
+def load_cifar10(data_dir, split):
+    """CIFAR-10, read straight from the md5-checked archive (downloaded once) with the safe
+    unpickler: nothing extracted on disk is ever trusted."""
+    archive = Path(data_dir) / "cifar-10-python.tar.gz"
+    if not archive.exists():
+        download(CIFAR_URL, archive, CIFAR_MD5)
+    elif file_digest(archive, "md5") != CIFAR_MD5:
+        raise UserError(f"{archive} has the wrong md5 (expected {CIFAR_MD5}): it is corrupt or "
+                        f"truncated; delete it and run again to download it")
+    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            def read(name):
+                member = tar.extractfile(f"cifar-10-batches-py/{name}")
+                return BatchUnpickler(member, encoding="bytes").load()
+            batches = [read(n) for n in names]
+            meta = read("batches.meta")
+        images = np.concatenate([b[b"data"] for b in batches]).astype(np.uint8)
+        images = images.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)          # (N, H, W, 3)
+        labels = np.concatenate([b[b"labels"] for b in batches]).astype(np.int64)
+        classes = [c.decode() for c in meta[b"label_names"]]
+    except (tarfile.TarError, pickle.UnpicklingError, EOFError, OSError, KeyError, ValueError,
+            TypeError, AttributeError) as e:
+        raise UserError(f"{archive} does not hold readable CIFAR-10 batches "
+                        f"({e.__class__.__name__}: {e})")
+    return ImageData(torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels),
+                     classes, f"cifar10/{split}")
+
+def _regular(n, r=1.0, phase=0.0):
+    t = phase + np.arange(n) * 2 * np.pi / n
+    return np.stack([r * np.cos(t), r * np.sin(t)], 1)
+
+def _star():
+    points = _regular(10, phase=-np.pi / 2)
+    points[1::2] *= 0.45
+    return points
+
+def _heart():
+    t = np.linspace(0, 2 * np.pi, 64, endpoint=False)
+    x = 16 * np.sin(t) ** 3
+    y = 13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t)
+    return np.stack([x, -y - 2.5], 1) / 16.5
+
+# Each class: polygons around (0, 0) with radius about 1, drawn in order: (points, fill 255 or 0).
+SHAPE_POLYGONS = {
+    "circle": [(_regular(64), 255)],
+    "ring": [(_regular(64), 255), (_regular(64, 0.55), 0)],
+    "triangle": [(_regular(3, phase=-np.pi / 2), 255)],
+    "square": [(_regular(4, phase=np.pi / 4), 255)],
+    "pentagon": [(_regular(5, phase=-np.pi / 2), 255)],
+    "star": [(_star(), 255)],
+    "cross": [(np.array([(-.3, -1), (.3, -1), (.3, -.3), (1, -.3), (1, .3), (.3, .3), (.3, 1),
+                         (-.3, 1), (-.3, .3), (-1, .3), (-1, -.3), (-.3, -.3)]), 255)],
+    "bar": [(np.array([(-1, -.28), (1, -.28), (1, .28), (-1, .28)]), 255)],
+    "arrow": [(np.array([(-1, -.22), (.15, -.22), (.15, -.6), (1, 0), (.15, .6), (.15, .22),
+                         (-1, .22)]), 255)],
+    "heart": [(_heart(), 255)],
+}
+SHAPES_CLASSES = tuple(SHAPE_POLYGONS)
+
+def make_shapes(n, seed, size=32, supersample=4):
+    """A deterministic, class-balanced set of n anti-aliased shapes: (images uint8 NHWC, labels)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.permutation(np.arange(n) % len(SHAPES_CLASSES))
+    big = size * supersample
+    # Per image: radius, centre, rotation, foreground colour and a two-colour gradient background.
+    radius = rng.uniform(0.3, 0.48, n) * big
+    centre = rng.uniform(0, 1, (n, 2)) * (big - 2 * radius[:, None]) + radius[:, None]
+    angle = rng.uniform(0, 2 * np.pi, n)
+    bg = rng.uniform(0, 1, (n, 2, 3))
+    fg = rng.uniform(0, 1, (n, 3))
+    direction = rng.uniform(0, 2 * np.pi, n)
+    lum = np.array([0.299, 0.587, 0.114])
+    for _ in range(3):  # keep the shape visible: move a colour too close to its background
+        low_contrast = np.abs(fg @ lum - bg.mean(1) @ lum) < 0.2
+        fg[low_contrast] = (fg[low_contrast] + 0.5) % 1.0
+    fg[low_contrast] = np.where(bg.mean(1)[low_contrast] @ lum > 0.5, 0.05, 0.95)[:, None]
+
+    ys, xs = np.mgrid[0:size, 0:size] / (size - 1) - 0.5
+    images = np.empty((n, size, size, 3), np.uint8)
+    for i in range(n):
+        mask = Image.new("L", (big, big), 0)
+        draw = ImageDraw.Draw(mask)
+        c, s = np.cos(angle[i]), np.sin(angle[i])
+        rotation = np.array([[c, -s], [s, c]])
+        for points, fill in SHAPE_POLYGONS[SHAPES_CLASSES[labels[i]]]:
+            xy = points @ rotation.T * radius[i] + centre[i]
+            draw.polygon([tuple(p) for p in xy], fill=fill)
+        alpha = np.asarray(mask.resize((size, size), Image.Resampling.BOX), np.float32)
+        alpha = alpha[..., None] / 255                                         # (H, W, 1)
+        t = (np.cos(direction[i]) * xs + np.sin(direction[i]) * ys)[..., None]
+        t = t / np.sqrt(2) + 0.5                                               # (H, W, 1) in [0, 1]
+        background = (1 - t) * bg[i, 0] + t * bg[i, 1]
+        images[i] = np.round(255 * ((1 - alpha) * background + alpha * fg[i]))
+    return images, labels.astype(np.int64)
+
+def load_shapes(data_dir, split):
+    """The embedded offline dataset: 50,000 train and 10,000 test images, built once and cached."""
+    path = Path(data_dir) / f"shapes-seed{SHAPES_SEED}-v1.npz"
+    if not path.exists():
+        print(f"building the shapes dataset once into {path} ...", file=sys.stderr)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        train_x, train_y = make_shapes(50_000, SHAPES_SEED)
+        test_x, test_y = make_shapes(10_000, SHAPES_SEED + 1)
+        atomic_save(path, lambda tmp: np.savez(tmp, train_x=train_x, train_y=train_y,
+                                               test_x=test_x, test_y=test_y))
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            images, labels = f[f"{split}_x"], f[f"{split}_y"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):   # damaged: build again
+        print(f"{path} is damaged; building it again", file=sys.stderr)
+        path.unlink()
+        return load_shapes(data_dir, split)
+    return ImageData(torch.from_numpy(images), torch.from_numpy(labels), list(SHAPES_CLASSES),
+                     f"shapes/{split}")
+
+def load_image_file(path, image_size):
+    """One image, centre-cropped to a square and resized: (H, W, 3) uint8."""
+    try:
+        with Image.open(path) as im:
+            square = ImageOps.fit(im.convert("RGB"), (image_size, image_size),
+                                  Image.Resampling.BICUBIC)
+            return np.asarray(square, np.uint8)
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise UserError(f"cannot read the image {path} ({e.__class__.__name__}); remove it")
+
+def load_folder(folder, image_size):
+    """A folder of images: class sub-folders give labels, a flat folder is one class."""
+    folder = Path(folder)
+    is_image = lambda p: p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+    subdirs = sorted(d for d in folder.iterdir() if d.is_dir() and any(map(is_image, d.rglob("*"))))
+    if subdirs:
+        class_names = [d.name for d in subdirs]
+        files = [(p, i) for i, d in enumerate(subdirs) 
+                 for p in sorted(filter(is_image, d.rglob("*")))]
+    else:
+        class_names = [folder.name]
+        files = [(p, 0) for p in sorted(filter(is_image, folder.iterdir()))]
+    if not files:
+        raise UserError(f"{folder} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    images = np.stack([load_image_file(p, image_size)
+                       for p, _ in tqdm(files, desc="reading images", disable=len(files) < 1000)])
+    labels = np.array([label for _, label in files], np.int64)
+    return ImageData(torch.from_numpy(images), torch.from_numpy(labels), class_names, str(folder))
+
+def load_data(name, data_dir="data", split="train", image_size=32):
+    """`cifar10`, `shapes`, or a folder of images (a folder is both its train and test split)."""
+    if split not in ("train", "test"):
+        raise UserError(f"--split must be train or test, not {split}")
+    if name == "cifar10":
+        return load_cifar10(data_dir, split)
+    if name == "shapes":
+        return load_shapes(data_dir, split)
+    if not Path(name).is_dir():
+        raise UserError(f"--data {name} is neither cifar10, shapes nor an existing image folder")
+    return load_folder(name, image_size)
+
+def to_model_input(images_uint8):
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) float in [-1, 1]."""
+    return images_uint8.permute(0, 3, 1, 2).float() / 127.5 - 1
+
+def to_uint8_images(x):
+    """(N, 3, H, W) float in [-1, 1] -> (N, H, W, 3) uint8 on the CPU."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+def sample_batch(data, batch_size, generator, flip):
+    """A random batch (with replacement) as (x, labels); with flip, half of them mirrored."""
+    idx = torch.randint(len(data.images), (batch_size,), generator=generator)
+    x = to_model_input(data.images[idx])                                       # (N, 3, H, W)
+    if flip:
+        flipped = torch.rand(batch_size, generator=generator) < 0.5
+        x = torch.where(flipped[:, None, None, None], x.flip(3), x)
+    return x, data.labels[idx]
+
+def spread_indices(n, num):
+    """min(num, n) indices evenly spread from first to last (a folder is sorted by class)."""
+    return torch.linspace(0, n - 1, min(num, n)).round().long()
+
+def seeded_generator(seed, index, stream=0, num_streams=1):
+    """A generator of its own for draw `index` (a step, a batch) of a run seeded `seed`: a resumed
+    run repeats its numbers exactly; `stream` (< num_streams) keeps sequences apart."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + index) * num_streams + stream)
+
+
+# -----------------------------------------------------------------------------
+# Devices
+
+def pick_device(name):
+    """`auto` takes the GPU when there is one; on CUDA, float32 matmuls and convs may use TF32."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but PyTorch sees no CUDA GPU; "
+                        "use --device cpu")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return device
+
+def autocast(device):
+    """bf16 autocast on CUDA, plain float32 on the CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+def count_params(model):
+    return f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params"
+
+
+# -----------------------------------------------------------------------------
+# Run folders and checkpoints
+
+CHECKPOINT_FORMAT = 2   # raised whenever a checkpoint's contents change; older files are refused
+STAGE_FILES = {1: ("stage1.pt", "stage1_encoder.py"), 2: ("autoencoder.pt", "stage2_decoder.py"),
+               3: ("dit.pt", "train_latent_dit.py")}
+
+def prepare_run(run):
+    """Create the run folder (or say in one sentence why not); delete temp files of killed saves."""
+    run = Path(run)
+    if run.exists() and not run.is_dir():
+        raise UserError(f"--run {run} is a file, not a folder; choose another --run")
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+        probe = run / f".write-test{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write into the run folder {run} ({e.strerror}); "
+                        f"choose another --run") from None
+    # .NAME.tmpPID: left by a killed save (removed only where /proc tells which processes live)
+    for tmp in run.glob(".*.tmp*"):
+        pid = tmp.name.rsplit(".tmp", 1)[1].split(".")[0]
+        if pid.isdigit() and Path("/proc/self").exists() and not Path(f"/proc/{pid}").exists():
+            tmp.unlink(missing_ok=True)
+    return run
+
+def atomic_save(path, write):
+    """write(temp path) in the same folder, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:   # torch.save reports a full disk as a RuntimeError
+        why = e.strerror if isinstance(e, OSError) and e.strerror else "the disk may be full"
+        raise UserError(f"could not write {path} ({why}); free some space or choose a writable "
+                        f"folder (any earlier {path.name} is untouched)") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+def save_checkpoint(obj, path):
+    atomic_save(path, lambda tmp: torch.save({**obj, "format": CHECKPOINT_FORMAT}, tmp))
+
+def load_checkpoint(path, stage):
+    """Load a checkpoint safely (weights_only); check its stage, format and finite weights."""
+    path = Path(path)
+    name, script = STAGE_FILES[stage]
+    if not path.is_file():
+        raise UserError(f"{path} does not exist: run {script} first (it writes {name})")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path} is not a checkpoint this project can read "
+                        f"({e.__class__.__name__})")
+    got = ckpt.get("stage") if isinstance(ckpt, dict) else None
+    if got != stage:
+        kind = f"a stage-{got}" if got else "not a"
+        raise UserError(f"{path} is {kind} checkpoint of this project, but a stage-{stage} one "
+                        f"({name}, written by {script}) is needed")
+    if ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path} was written by an older version of this project; "
+                        f"train it again with {script}")
+    for key, value in ckpt.items():   # weights and latent statistics: dicts of tensors
+        if isinstance(value, dict) and not all(torch.isfinite(v).all() for v in value.values()
+                                               if torch.is_tensor(v) and v.is_floating_point()):
+            raise UserError(f"{path} holds NaN or infinite values in '{key}' (its training "
+                            f"diverged); train it again with a lower --lr")
+    return ckpt
+
+def resume_checkpoint(ckpt_path, log_path, stage, steps):
+    """--resume: the stage's own checkpoint, unless finished; the log is cut back to its step."""
+    ckpt = load_checkpoint(ckpt_path, stage)
+    if ckpt["step"] >= steps:
+        raise UserError(f"{ckpt_path} is already at step {ckpt['step']}; to train longer, "
+                        f"pass a --steps above {ckpt['step']} with --resume")
+    if Path(log_path).exists():   # lines logged after the checkpoint would be repeated
+        kept = [line for line in Path(log_path).read_text().splitlines(keepends=True)
+                if line.strip() and json.loads(line)["step"] <= ckpt["step"]]
+        atomic_save(log_path, lambda tmp: Path(tmp).write_text("".join(kept)))
+    return ckpt
+
+def load_optimizer(optimizer, state, device):
+    """Load a saved optimizer state; `fused` follows this run's device, not the saved one."""
+    optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:
+        group["fused"] = device.type == "cuda"
+
+
+
+# -----------------------------------------------------------------------------
+# Progress: a tqdm bar and the JSONL log
+
+class Progress:
+    """A tqdm bar plus the JSONL log: metrics are averaged over each window of `log_every` steps."""
+    def __init__(self, log_path, total, initial, images_per_step, log_every, desc):
+        self.log_path = log_path
+        self.images_per_step = images_per_step
+        self.log_every = log_every
+        self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
+        self.step = initial
+        self.sums = {}   # the current window: sums of the metrics over `count` steps since t0
+        self.count = 0
+        self.t0 = time.time()
+
+    def update(self, step, **metrics):
+        """Record one finished step; write a log line every log_every steps and at the last one."""
+        for k, v in metrics.items():   # tensors stay on their device until a log line: no sync
+            self.sums[k] = self.sums.get(k, 0.0) + (v.detach().float() if torch.is_tensor(v) else v)
+        self.count += 1
+        self.step = step
+        self.bar.update(1)
+        last = step % self.log_every == 0 or step == self.bar.total
+        if last or self.sums["loss"].device.type == "cpu":
+            self.check_finite()   # every step on the CPU (free), at each log line on a GPU
+        if last:
+            seconds = time.time() - self.t0
+            record = {"step": step, **{k: float(v) / self.count for k, v in self.sums.items()},
+                      "images_per_s": self.count * self.images_per_step / seconds}
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}",
+                                 img_s=f"{record['images_per_s']:.0f}")
+            self.sums = {}
+            self.count = 0
+            self.t0 = time.time()
+
+    def check_finite(self):
+        """Stop at a NaN or infinite loss, before a checkpoint could store the broken weights."""
+        if self.count and not np.isfinite(float(self.sums["loss"])):
+            loss = float(self.sums["loss"])
+            raise UserError(f"the loss became {loss} by step {self.step}: training diverged; "
+                            f"try a lower --lr (no checkpoint was written after it)")
+
+    def close(self):
+        self.bar.close()
+
+
+# -----------------------------------------------------------------------------
+# Pictures
+
+def save_grid(images, path, nrow, scale=2):
+    """Save (N, H, W, 3) uint8 images as one PNG with nrow images a row, upscaled for viewing."""
+    images = np.asarray(images)
+    n, h, w, _ = images.shape
+    rows = -(-n // nrow)
+    grid = np.full((rows * (h + 2) + 2, nrow * (w + 2) + 2, 3), 255, np.uint8)
+    for i, im in enumerate(images):
+        r, c = divmod(i, nrow)
+        grid[2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + c * (w + 2): 2 + c * (w + 2) + w] = im
+    size = (grid.shape[1] * scale, grid.shape[0] * scale)
+    picture = Image.fromarray(grid).resize(size, Image.Resampling.NEAREST)
+    atomic_save(path, lambda tmp: picture.save(tmp, format="PNG"))
