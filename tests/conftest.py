@@ -14,14 +14,8 @@ sys.path.insert(0, str(ROOT))
 def run_script(script, *args, cwd=None, check=True):
     """Run one of the project's scripts in a subprocess on the CPU; returns the CompletedProcess."""
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2")
-    result = subprocess.run(
-        [sys.executable, str(ROOT / script), *map(str, args)],
-        cwd=cwd or ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd or ROOT,
+                            env=env, capture_output=True, text=True, timeout=600)
     if check and result.returncode != 0:
         raise AssertionError(
             f"{script} {' '.join(map(str, args))} failed:\n{result.stderr[-3000:]}"
@@ -58,19 +52,8 @@ def shapes_folder(tmp_path_factory):
 def autoencoder_run(shapes_folder, tmp_path_factory):
     """A tiny DAE (stage 1 + stage 2) on the small shapes folder: a run with autoencoder.pt."""
     run = tmp_path_factory.mktemp("ae_run")
-    run_script(
-        "stage1_encoder.py",
-        "--data",
-        shapes_folder,
-        "--run",
-        run,
-        "--steps",
-        "20",
-        "--channels",
-        "16",
-        "--batch-size",
-        "16",
-    )
+    run_script("stage1_encoder.py", "--data", shapes_folder, "--run", run, "--steps", "20",
+               "--channels", "16", "--batch-size", "16")
     run_script("stage2_decoder.py", "--run", run, "--steps", "20", "--batch-size", "16")
     return run
 
@@ -87,17 +70,6 @@ def copy_run(src, dst, *names):
 def dit_run(autoencoder_run, tmp_path_factory):
     """A tiny DiT trained for a few steps on the tiny autoencoder: a run folder with dit.pt."""
     run = copy_run(autoencoder_run, tmp_path_factory.mktemp("dit_run"), "autoencoder.pt")
-    run_script(
-        "train_latent_dit.py",
-        "--run",
-        run,
-        "--model",
-        "DiT-T",
-        "--patch",
-        "2",
-        "--steps",
-        "10",
-        "--batch-size",
-        "16",
-    )
+    run_script("train_latent_dit.py", "--run", run, "--model", "DiT-T", "--patch", "2", "--steps",
+               "10", "--batch-size", "16")
     return run

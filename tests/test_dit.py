@@ -16,20 +16,8 @@ import sample
 import train_latent_dit as dit
 from conftest import ROOT, copy_run, run_script
 
-TINY = [
-    "--model",
-    "DiT-T",
-    "--patch",
-    "2",
-    "--batch-size",
-    "16",
-    "--log-every",
-    "10",
-    "--warmup",
-    "1",
-    "--lr",
-    "1e-3",
-]
+TINY = ["--model", "DiT-T", "--patch", "2", "--batch-size", "16", "--log-every", "10", "--warmup",
+        "1", "--lr", "1e-3"]
 
 
 def small_dit(**kw):
@@ -45,11 +33,8 @@ def test_output_shapes(model, patch):
         model=model, patch=patch, input_size=8, in_channels=4, num_classes=10, attn="sdpa"
     )
     net = dit.build_dit(config)
-    x, t, y = (
-        torch.randn(2, 4, 8, 8),
-        torch.tensor([0, 999]),
-        torch.tensor([3, 10]),
-    )  # 10: the null label
+    x, t, y = (torch.randn(2, 4, 8, 8), torch.tensor([0, 999]),
+               torch.tensor([3, 10]))  # 10: the null label
     assert net(x, t, y).shape == (2, 4, 8, 8)
     depth, hidden, _ = dit.DIT_SIZES[model]
     assert len(net.blocks) == depth and net.pos_embed.shape == (1, (8 // patch) ** 2, hidden)
@@ -198,20 +183,8 @@ def test_two_process_gloo_run(autoencoder_run, tmp_path):
     run = copy_run(autoencoder_run, tmp_path / "ddp", "autoencoder.pt")
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            str(ROOT / "train_latent_dit.py"),
-            "--",
-            "--run",
-            str(run),
-            "--steps",
-            "6",
-            *TINY,
-        ],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(ROOT / "train_latent_dit.py"), "--", "--run", str(run), "--steps", "6", *TINY],
         env=env,
         capture_output=True,
         text=True,
@@ -219,11 +192,8 @@ def test_two_process_gloo_run(autoencoder_run, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert torch.load(run / "dit.pt", weights_only=True)["step"] == 6
-    assert sorted(p.name for p in run.iterdir() if p.suffix == ".pt") == [
-        "autoencoder.pt",
-        "dit.pt",
-        "latents.pt",
-    ]
+    assert sorted(p.name for p in run.iterdir() if p.suffix == ".pt") == ["autoencoder.pt",
+                                                                          "dit.pt", "latents.pt"]
     assert len(read_log(run / "log_dit.jsonl")) == 1  # one writer: rank 0
 
 

@@ -107,11 +107,8 @@ def test_wrong_sha256_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     bad = tmp_path / "mirror.pth"
     bad.write_bytes(b"not the weights")
-    monkeypatch.setattr(
-        fid,
-        "FID_WEIGHTS_URL",
-        bad.as_uri().replace("mirror.pth", "pt_inception-2015-12-05-6726825d.pth"),
-    )
+    monkeypatch.setattr(fid, "FID_WEIGHTS_URL",
+                        bad.as_uri().replace("mirror.pth", "pt_inception-2015-12-05-6726825d.pth"))
     (tmp_path / "pt_inception-2015-12-05-6726825d.pth").write_bytes(b"not the weights")
     with pytest.raises(common.UserError, match="wrong sha256"):
         fid.load_inception()  # a corrupt download is refused and not kept
@@ -125,11 +122,8 @@ def test_wrong_sha256_is_refused(tmp_path, monkeypatch):
 
 def test_without_network_or_weights_one_sentence_says_where(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    monkeypatch.setattr(
-        fid,
-        "FID_WEIGHTS_URL",
-        (tmp_path / "offline" / "pt_inception-2015-12-05-6726825d.pth").as_uri(),
-    )
+    monkeypatch.setattr(fid, "FID_WEIGHTS_URL",
+                        (tmp_path / "offline" / "pt_inception-2015-12-05-6726825d.pth").as_uri())
     with pytest.raises(common.UserError, match="put it at .*pt_inception-2015-12-05-6726825d.pth"):
         fid.load_inception()
 
@@ -149,14 +143,8 @@ def test_cli_with_weights_npz_folder_and_stats(weights_file, tmp_path):
     assert last.startswith("FID (Inception, pytorch-fid compatible): ")
     assert abs(float(last.split()[-1])) < 1e-3  # the same images in another order
     assert "Inception Score" in result.stdout and "fewer than 2,048" in result.stderr
-    run_script(
-        "fid.py",
-        tmp_path / "a.npz",
-        tmp_path / "stats.npz",
-        "--save-stats",
-        "--weights",
-        weights_file,
-    )
+    run_script("fid.py", tmp_path / "a.npz", tmp_path / "stats.npz", "--save-stats", "--weights",
+               weights_file)
     with np.load(tmp_path / "stats.npz") as f:
         assert f["mu"].shape == (2048,) and f["sigma"].shape == (2048, 2048)
     result = run_script(
@@ -201,18 +189,8 @@ def test_classifier_features_of_an_image_folder_source(shapes_folder, tmp_path):
     """An image folder among the sources is the classifier's dataset (no --classifier-data)."""
     folder = common.load_folder(shapes_folder, 32)
     np.savez(tmp_path / "s.npz", folder.images[::4].numpy(), folder.labels[::4].numpy())
-    result = run_script(
-        "fid.py",
-        tmp_path / "s.npz",
-        shapes_folder,
-        "--features",
-        "classifier",
-        "--no-flip",
-        "--classifier-steps",
-        "5",
-        "--data-dir",
-        tmp_path,
-    )
+    result = run_script("fid.py", tmp_path / "s.npz", shapes_folder, "--features", "classifier",
+                        "--no-flip", "--classifier-steps", "5", "--data-dir", tmp_path)
     assert "class accuracy" in result.stdout
     assert fid.classifier_path(str(shapes_folder), tmp_path, 5, False).exists()
     # the printed distance is the Frechet distance of the cached classifier's features

@@ -20,36 +20,14 @@ def test_five_stages_hand_each_file_on(shapes_dir, tmp_path):
     stage1 = torch.load(run / "stage1.pt", weights_only=True)
     assert stage1["stage"] == 1 and stage1["data"] == "shapes/train"
 
-    run_script(
-        "stage2_decoder.py",
-        "--run",
-        run,
-        "--steps",
-        "30",
-        "--batch-size",
-        "32",
-        "--log-every",
-        "10",
-    )
+    run_script("stage2_decoder.py", "--run", run, "--steps", "30", "--batch-size", "32",
+               "--log-every", "10")
     ae = torch.load(run / "autoencoder.pt", weights_only=True)
     assert ae["stage"] == 2 and ae["stage1_path"] == str((run / "stage1.pt").resolve())
     assert ae["latent_stats"]["std"].shape == (4,)
 
-    run_script(
-        "train_latent_dit.py",
-        "--run",
-        run,
-        "--model",
-        "DiT-T",
-        "--patch",
-        "4",
-        "--steps",
-        "20",
-        "--batch-size",
-        "32",
-        "--log-every",
-        "10",
-    )
+    run_script("train_latent_dit.py", "--run", run, "--model", "DiT-T", "--patch", "4", "--steps",
+               "20", "--batch-size", "32", "--log-every", "10")
     dit = torch.load(run / "dit.pt", weights_only=True)
     assert dit["stage"] == 3 and dit["autoencoder_path"] == str((run / "autoencoder.pt").resolve())
     assert dit["config"]["class_names"][:2] == ["circle", "ring"]
@@ -62,18 +40,8 @@ def test_five_stages_hand_each_file_on(shapes_dir, tmp_path):
     assert samples["arr_0"].shape == (40, 32, 32, 3) and samples["arr_1"].shape == (40,)
     assert Image.open(run / "samples.png").size == ((3 * 34 + 2) * 2, (10 * 34 + 2) * 2)
 
-    result = run_script(
-        "fid.py",
-        run / "samples.npz",
-        "shapes",
-        *data,
-        "--split",
-        "test",
-        "--features",
-        "classifier",
-        "--classifier-steps",
-        "100",
-    )
+    result = run_script("fid.py", run / "samples.npz", "shapes", *data, "--split", "test",
+                        "--features", "classifier", "--classifier-steps", "100")
     lines = result.stdout.strip().splitlines()
     assert lines[-1].startswith("classifier-feature distance (NOT the standard FID")
     assert float(lines[-1].split()[-1]) > 0

@@ -39,18 +39,8 @@ def oracle_moments(sampler, eta=0.0, steps=1000, schedule="linear", target="eps"
     labels = torch.zeros(
         4000, dtype=torch.long
     )  # 64,000 values: the standard error of the mean is 0.002
-    x = sample.sample_latents(
-        GaussianOracle(schedule, target),
-        labels,
-        steps,
-        sampler,
-        eta,
-        1.0,
-        torch.Generator().manual_seed(0),
-        (1, 4, 4),
-        schedule,
-        target,
-    )
+    x = sample.sample_latents(GaussianOracle(schedule, target), labels, steps, sampler, eta, 1.0,
+                              torch.Generator().manual_seed(0), (1, 4, 4), schedule, target)
     return x.mean().item(), x.std().item()
 
 
@@ -115,13 +105,11 @@ def broken_v_sign(out, x_t, a_t, target, to_x0_eps=sample.to_x0_eps):
 
 @pytest.mark.parametrize(
     "name,broken,sampler,steps,target",
-    [
-        ("ddim_step", broken_ddim_step, "ddim", 1000, "eps"),
-        ("ddpm_step", broken_ddpm_step, "ddpm", 1000, "eps"),
-        ("ddpm_step", broken_respacing_ddpm_step, "ddpm", 100, "eps"),
-        ("to_x0_eps", broken_v_conversion, "ddpm", 100, "v"),
-        ("to_x0_eps", broken_v_sign, "ddim", 100, "v"),
-    ],
+    [("ddim_step", broken_ddim_step, "ddim", 1000, "eps"),
+     ("ddpm_step", broken_ddpm_step, "ddpm", 1000, "eps"),
+     ("ddpm_step", broken_respacing_ddpm_step, "ddpm", 100, "eps"),
+     ("to_x0_eps", broken_v_conversion, "ddpm", 100, "v"),
+     ("to_x0_eps", broken_v_sign, "ddim", 100, "v")],
 )
 def test_a_wrong_update_rule_fails_the_same_check(
     monkeypatch, name, broken, sampler, steps, target
@@ -136,12 +124,9 @@ def test_ddim_with_eta_one_is_ddpm():
     alphas_cumprod = dit.make_schedule()
     a_t, a_prev = alphas_cumprod[600].item(), alphas_cumprod[580].item()
     x0, eps = sample.to_x0_eps(eps, x_t, a_t, "eps")
-    torch.testing.assert_close(
-        sample.ddim_step(x_t, x0, eps, a_t, a_prev, noise, eta=1.0),
-        sample.ddpm_step(x_t, x0, a_t, a_prev, noise),
-        rtol=1e-12,
-        atol=1e-12,
-    )
+    torch.testing.assert_close(sample.ddim_step(x_t, x0, eps, a_t, a_prev, noise, eta=1.0),
+                               sample.ddpm_step(x_t, x0, a_t, a_prev, noise), rtol=1e-12,
+                               atol=1e-12)
 
 
 def test_respacing():
@@ -180,10 +165,8 @@ def test_sample_script_is_repeatable_and_writes_an_fid_ready_npz(dit_run, tmp_pa
     assert a["arr_0"].max() > a["arr_0"].min()
     assert a["arr_1"].tolist() == [i % 10 for i in range(13)] and a["arr_1"].dtype.kind == "i"
     assert np.array_equal(a["arr_0"], b["arr_0"])  # same seed, same images
-    assert Image.open(run / "samples.png").size == (
-        (2 * 34 + 2) * 2,
-        (10 * 34 + 2) * 2,
-    )  # 10 rows of 2
+    assert Image.open(run / "samples.png").size == ((2 * 34 + 2) * 2,
+                                                    (10 * 34 + 2) * 2)  # 10 rows of 2
     run_script(
         "sample.py",
         *args,

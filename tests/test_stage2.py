@@ -22,46 +22,17 @@ def stage1_runs(shapes_folder, tmp_path_factory):
     """Two tiny stage-1 runs on a small folder of shapes: a weakened (DAE) and an unweakened one."""
     root = tmp_path_factory.mktemp("stage1")
     args = ["--data", shapes_folder, "--steps", "30", *TINY]
-    run_script(
-        "stage1_encoder.py",
-        *args,
-        "--run",
-        root / "dae",
-        "--aux-dropout",
-        "0.3",
-        "--aux-width",
-        "0.5",
-    )
-    run_script(
-        "stage1_encoder.py",
-        *args,
-        "--run",
-        root / "joint",
-        "--aux-dropout",
-        "0",
-        "--aux-width",
-        "1",
-        "--scale-equivariance",
-        "0.5",
-    )
+    run_script("stage1_encoder.py", *args, "--run", root / "dae", "--aux-dropout", "0.3",
+               "--aux-width", "0.5")
+    run_script("stage1_encoder.py", *args, "--run", root / "joint", "--aux-dropout", "0",
+               "--aux-width", "1", "--scale-equivariance", "0.5")
     return root
 
 
 def test_dae_freezes_the_encoder_and_the_decoder_learns(stage1_runs, tmp_path):
     run = copy_run(stage1_runs / "dae", tmp_path / "dae", "stage1.pt")
-    run_script(
-        "stage2_decoder.py",
-        "--run",
-        run,
-        "--steps",
-        "60",
-        "--batch-size",
-        "16",
-        "--log-every",
-        "10",
-        "--lr",
-        "1e-3",
-    )
+    run_script("stage2_decoder.py", "--run", run, "--steps", "60", "--batch-size", "16",
+               "--log-every", "10", "--lr", "1e-3")
     before = torch.load(run / "stage1.pt", weights_only=True)
     after = torch.load(run / "autoencoder.pt", weights_only=True)
     assert after["stage"] == 2 and not after["config"]["joint"]
