@@ -97,11 +97,12 @@ def latent_statistics(encoder, data, device, num=10_000, batch_size=500):
 
 @torch.no_grad()
 def standardised_latents(encoder, data, stats, device, num=1000, batch_size=250):
-    """(num, C, h, w) latents of `num` images spread over the set, standardised per channel."""
+    """`num` images spread over the set and their latents, standardised per channel:
+    ((num, H, W, 3) uint8, (num, C, h, w))."""
     images = data.images[spread_indices(len(data.images), num)]
     z = torch.cat([encoder(to_model_input(images[i:i + batch_size]).to(device)).float().cpu()
                    for i in range(0, len(images), batch_size)])
-    return (z - stats["mean"][None, :, None, None]) / stats["std"][None, :, None, None]
+    return images, (z - stats["mean"][None, :, None, None]) / stats["std"][None, :, None, None]
 
 def show_latents(images, z, path, num=8):
     """How simple is the latent, as a picture: `num` images, each beside every channel of its
@@ -313,9 +314,8 @@ def train(args):
                         f"{ckpt_path} was not written")
     test_psnr = evaluate_reconstruction(encoder, decoder, test_data, device,
                                         run / "stage2_recon.png", run / "reconstructions.npz")
-    z = standardised_latents(encoder, test_data, stats, device)
-    show_latents(test_data.images[spread_indices(len(test_data.images), len(z))], z,
-                 run / "latents.png")
+    images, z = standardised_latents(encoder, test_data, stats, device)
+    show_latents(images, z, run / "latents.png")
     metrics = {"test_psnr": test_psnr, "stage1_test_psnr_aux": stage1["metrics"]["test_psnr_aux"],
                "latent_high_freq": high_frequency_share(z)}
     checkpoint(metrics, stats)
