@@ -1,11 +1,9 @@
 """
-The plumbing every stage shares, so that each stage script holds only its own idea.
-
-Read it as a toolbox, top to bottom: errors and the command line; the data sources (`cifar10`, the
-offline `shapes`, a folder of images) as uint8 images in memory; devices; run folders and atomic,
-safely loaded checkpoints; the progress bar with its JSONL log; pictures. It imports no
-stage script; every stage imports from it.
+The plumbing every stage shares, so that each stage script holds only its own idea. A toolbox, top
+to bottom: errors and the command line; the data sources (`cifar10`, the offline `shapes`, a folder
+of images); devices; run folders and checkpoints; the progress bar and its log; pictures.
 """
+import argparse
 import hashlib
 import json
 import os
@@ -16,8 +14,8 @@ import time
 import urllib.error
 import urllib.request
 import zipfile
+from collections import namedtuple
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,8 +40,8 @@ class Interrupted(UserError):
                "command to start again")
         super().__init__("stopped by Ctrl-C" + how)
 
-def run_cli(main):
-    """Run main(): a UserError, a file-system fault or Ctrl-C ends in one line, exit non-zero."""
+def run_cli(main, memory_flags="--batch-size"):
+    """Run main(): a UserError, a file-system fault, out of memory or Ctrl-C end in one line."""
     try:
         main()
     except UserError as e:
@@ -56,6 +54,13 @@ def run_cli(main):
         print(f"error: {e.strerror or e} ({e.filename}); check the path, free space and "
               f"permissions", file=sys.stderr)
         sys.exit(1)
+    except (MemoryError, RuntimeError) as e:   # torch.OutOfMemoryError is a RuntimeError
+        words = ("out of memory", "can't allocate", "allocate memory")
+        if not isinstance(e, MemoryError) and not any(w in str(e) for w in words):
+            raise
+        where = "on the GPU" if "CUDA" in str(e) else "in main memory"
+        print(f"error: out of memory {where}; lower {memory_flags}", file=sys.stderr)
+        sys.exit(1)
 
 def add_training_flags(p, steps, batch_size, lr, ckpt_every, checkpoint):
     """The flags every training stage shares."""
@@ -66,21 +71,30 @@ def add_training_flags(p, steps, batch_size, lr, ckpt_every, checkpoint):
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to run")
     p.add_argument("--compile", action="store_true", help="torch.compile the networks")
     p.add_argument("--resume", action="store_true", help=f"continue RUN/{checkpoint} to --steps")
+    p.add_argument("--overwrite", action="store_true", help=f"start over in a run folder that has "
+                   f"{checkpoint}: delete it, its log and pictures and the later stages' files")
     p.add_argument("--log-every", type=int, default=50, help="steps between log lines")
     p.add_argument("--ckpt-every", type=int, default=ckpt_every, help="steps between checkpoints")
 
-def check_training_flags(args, gpu_steps):
-    """Refuse impossible values of the shared flags before any expensive work; without CUDA, note
-    that the GPU recipe's step count (`gpu_steps`) takes hours."""
+def parse_training_args(parser, argv, gpu_steps):
+    """Parse argv (`args.given`: the flags typed, which a resumed run checks against its
+    checkpoint); refuse impossible values of the shared flags before any expensive work."""
+    unset = object()   # argparse leaves a preset attribute alone unless its flag is typed
+    typed = parser.parse_args(argv, argparse.Namespace(**{a.dest: unset for a in parser._actions}))
+    args = parser.parse_args(argv)
+    args.given = {dest for dest, value in vars(typed).items() if value is not unset}
     for flag in ("steps", "batch_size", "log_every", "ckpt_every"):
         value = getattr(args, flag)
         if value < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be a positive integer, not {value}")
     if not 0 < args.lr < float("inf"):
         raise UserError(f"--lr must be a positive number, not {args.lr}")
+    if not 0 <= args.seed < 2 ** 32:   # every random stream's seed then fits in 64 bits
+        raise UserError(f"--seed must be an integer from 0 to {2 ** 32 - 1}, not {args.seed}")
     if args.steps == gpu_steps and not torch.cuda.is_available():
         print(f"note: --steps {gpu_steps} is the GPU recipe; without a GPU it takes hours (the "
               f"bar shows how many): the README's CPU quick start uses far fewer", file=sys.stderr)
+    return args
 
 
 # -----------------------------------------------------------------------------
@@ -91,12 +105,8 @@ CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"
 SHAPES_SEED = 0
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
-@dataclass
-class ImageData:
-    images: torch.Tensor    # (N, H, W, 3) uint8
-    labels: torch.Tensor    # (N,) int64
-    class_names: list
-    description: str
+# A dataset in memory: images (N, H, W, 3) uint8, labels (N,) int64, class names, a description.
+ImageData = namedtuple("ImageData", "images labels class_names description")
 
 def file_digest(path, algorithm):
     h = hashlib.new(algorithm)
@@ -138,8 +148,7 @@ class BatchUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 def load_cifar10(data_dir, split):
-    """CIFAR-10, read straight from the md5-checked archive (downloaded once) with the safe
-    unpickler: nothing extracted on disk is ever trusted."""
+    """CIFAR-10 read from the md5-checked archive (downloaded once) by the safe unpickler."""
     archive = Path(data_dir) / "cifar-10-python.tar.gz"
     if not archive.exists():
         download(CIFAR_URL, archive, CIFAR_MD5)
@@ -169,16 +178,10 @@ def _regular(n, r=1.0, phase=0.0):
     t = phase + np.arange(n) * 2 * np.pi / n
     return np.stack([r * np.cos(t), r * np.sin(t)], 1)
 
-def _star():
-    points = _regular(10, phase=-np.pi / 2)
-    points[1::2] *= 0.45
-    return points
-
 def _heart():
     t = np.linspace(0, 2 * np.pi, 64, endpoint=False)
-    x = 16 * np.sin(t) ** 3
     y = 13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t)
-    return np.stack([x, -y - 2.5], 1) / 16.5
+    return np.stack([16 * np.sin(t) ** 3, -y - 2.5], 1) / 16.5
 
 # Each class: polygons around (0, 0) with radius about 1, drawn in order: (points, fill 255 or 0).
 SHAPE_POLYGONS = {
@@ -187,7 +190,7 @@ SHAPE_POLYGONS = {
     "triangle": [(_regular(3, phase=-np.pi / 2), 255)],
     "square": [(_regular(4, phase=np.pi / 4), 255)],
     "pentagon": [(_regular(5, phase=-np.pi / 2), 255)],
-    "star": [(_star(), 255)],
+    "star": [(_regular(10, phase=-np.pi / 2) * ([[1], [0.45]] * 5), 255)],
     "cross": [(np.array([(-.3, -1), (.3, -1), (.3, -.3), (1, -.3), (1, .3), (.3, .3), (.3, 1),
                          (-.3, 1), (-.3, .3), (-1, .3), (-1, -.3), (-.3, -.3)]), 255)],
     "bar": [(np.array([(-1, -.28), (1, -.28), (1, .28), (-1, .28)]), 255)],
@@ -253,28 +256,38 @@ def load_shapes(data_dir, split):
     return ImageData(torch.from_numpy(images), torch.from_numpy(labels), list(SHAPES_CLASSES),
                      f"shapes/{split}")
 
-def load_image_file(path, image_size):
-    """One image, centre-cropped to a square and resized: (H, W, 3) uint8."""
+def open_rgb(path):
+    """An image file as 8-bit RGB: 16-bit greys scaled (not clipped to white), floats refused."""
     try:
         with Image.open(path) as im:
-            square = ImageOps.fit(im.convert("RGB"), (image_size, image_size),
-                                  Image.Resampling.BICUBIC)
-            return np.asarray(square, np.uint8)
+            if im.mode == "F":
+                raise UserError(f"{path} has floating-point pixels; save it as 8 or 16 bits")
+            if im.mode.startswith("I"):   # 16-bit greys: I;16, or I holding 0..65535
+                im = Image.fromarray(np.uint8(np.clip(np.asarray(im) / 257, 0, 255).round()))
+            return im.convert("RGB")
     except (OSError, UnidentifiedImageError, ValueError) as e:
         raise UserError(f"cannot read the image {path} ({e.__class__.__name__}); remove it")
+
+def load_image_file(path, image_size):
+    """One image, centre-cropped to a square and resized: (H, W, 3) uint8."""
+    return np.asarray(ImageOps.fit(open_rgb(path), (image_size,) * 2, Image.Resampling.BICUBIC))
 
 def load_folder(folder, image_size):
     """A folder of images: class sub-folders give labels, a flat folder is one class."""
     folder = Path(folder)
     is_image = lambda p: p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
     subdirs = sorted(d for d in folder.iterdir() if d.is_dir() and any(map(is_image, d.rglob("*"))))
+    top_level = sorted(filter(is_image, folder.iterdir()))
+    if subdirs and top_level:
+        raise UserError(f"{folder} mixes images ({top_level[0].name}) with class sub-folders "
+                        f"({subdirs[0].name}): put every image in a class sub-folder, or none")
     if subdirs:
         class_names = [d.name for d in subdirs]
-        files = [(p, i) for i, d in enumerate(subdirs) 
+        files = [(p, i) for i, d in enumerate(subdirs)
                  for p in sorted(filter(is_image, d.rglob("*")))]
     else:
         class_names = [folder.name]
-        files = [(p, 0) for p in sorted(filter(is_image, folder.iterdir()))]
+        files = [(p, 0) for p in top_level]
     if not files:
         raise UserError(f"{folder} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
     images = np.stack([load_image_file(p, image_size)
@@ -349,28 +362,12 @@ def count_params(model):
 # Run folders and checkpoints
 
 CHECKPOINT_FORMAT = 2   # raised whenever a checkpoint's contents change; older files are refused
-STAGE_FILES = {1: ("stage1.pt", "stage1_encoder.py"), 2: ("autoencoder.pt", "stage2_decoder.py"),
-               3: ("dit.pt", "train_latent_dit.py")}
-
-def prepare_run(run):
-    """Create the run folder (or say in one sentence why not); delete temp files of killed saves."""
-    run = Path(run)
-    if run.exists() and not run.is_dir():
-        raise UserError(f"--run {run} is a file, not a folder; choose another --run")
-    try:
-        run.mkdir(parents=True, exist_ok=True)
-        probe = run / f".write-test{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"cannot write into the run folder {run} ({e.strerror}); "
-                        f"choose another --run") from None
-    # .NAME.tmpPID: left by a killed save (removed only where /proc tells which processes live)
-    for tmp in run.glob(".*.tmp*"):
-        pid = tmp.name.rsplit(".tmp", 1)[1].split(".")[0]
-        if pid.isdigit() and Path("/proc/self").exists() and not Path(f"/proc/{pid}").exists():
-            tmp.unlink(missing_ok=True)
-    return run
+# Per stage: its checkpoint, its script, and the other files it leaves in the run folder.
+STAGES = {1: ("stage1.pt", "stage1_encoder.py", ("log_stage1.jsonl", "stage1_recon.png")),
+          2: ("autoencoder.pt", "stage2_decoder.py",
+              ("log_stage2.jsonl", "stage2_recon.png", "latents.png", "reconstructions.npz")),
+          3: ("dit.pt", "train_latent_dit.py",   # samples.*: written by sample.py from dit.pt
+              ("log_dit.jsonl", "dit_samples.png", "samples.png", "samples.npz"))}
 
 def atomic_save(path, write):
     """write(temp path) in the same folder, then rename: a crash never leaves half a file."""
@@ -392,7 +389,7 @@ def save_checkpoint(obj, path):
 def load_checkpoint(path, stage):
     """Load a checkpoint safely (weights_only); check its stage, format and finite weights."""
     path = Path(path)
-    name, script = STAGE_FILES[stage]
+    name, script = STAGES[stage][:2]
     if not path.is_file():
         raise UserError(f"{path} does not exist: run {script} first (it writes {name})")
     try:
@@ -402,9 +399,8 @@ def load_checkpoint(path, stage):
                         f"({e.__class__.__name__})")
     got = ckpt.get("stage") if isinstance(ckpt, dict) else None
     if got != stage:
-        kind = f"a stage-{got}" if got else "not a"
-        raise UserError(f"{path} is {kind} checkpoint of this project, but a stage-{stage} one "
-                        f"({name}, written by {script}) is needed")
+        raise UserError(f"{path} is {f'a stage-{got}' if got else 'not a'} checkpoint of this "
+                        f"project, but a stage-{stage} one ({name}, written by {script}) is needed")
     if ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} was written by an older version of this project; "
                         f"train it again with {script}")
@@ -415,18 +411,6 @@ def load_checkpoint(path, stage):
                             f"diverged); train it again with a lower --lr")
     return ckpt
 
-def resume_checkpoint(ckpt_path, log_path, stage, steps):
-    """--resume: the stage's own checkpoint, unless finished; the log is cut back to its step."""
-    ckpt = load_checkpoint(ckpt_path, stage)
-    if ckpt["step"] >= steps:
-        raise UserError(f"{ckpt_path} is already at step {ckpt['step']}; to train longer, "
-                        f"pass a --steps above {ckpt['step']} with --resume")
-    if Path(log_path).exists():   # lines logged after the checkpoint would be repeated
-        kept = [line for line in Path(log_path).read_text().splitlines(keepends=True)
-                if line.strip() and json.loads(line)["step"] <= ckpt["step"]]
-        atomic_save(log_path, lambda tmp: Path(tmp).write_text("".join(kept)))
-    return ckpt
-
 def load_optimizer(optimizer, state, device):
     """Load a saved optimizer state; `fused` follows this run's device, not the saved one."""
     optimizer.load_state_dict(state)
@@ -434,21 +418,21 @@ def load_optimizer(optimizer, state, device):
         group["fused"] = device.type == "cuda"
 
 
-
 # -----------------------------------------------------------------------------
 # Progress: a tqdm bar and the JSONL log
 
 class Progress:
-    """A tqdm bar plus the JSONL log: metrics are averaged over each window of `log_every` steps."""
-    def __init__(self, log_path, total, initial, images_per_step, log_every, desc):
+    """A tqdm bar plus the JSONL log: metrics are averaged over each window of `log_every` steps.
+    It stops a run whose loss is not finite, or 1,000 times its running median (a divergence)."""
+    def __init__(self, log_path, total, initial, images_per_step, log_every, desc, hint="--lr"):
         self.log_path = log_path
         self.images_per_step = images_per_step
         self.log_every = log_every
+        self.hint = hint   # the flag to lower when training diverges
         self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
         self.step = initial
-        self.sums = {}   # the current window: sums of the metrics over `count` steps since t0
-        self.count = 0
-        self.t0 = time.time()
+        self.sums, self.count, self.t0 = {}, 0, time.time()   # the window since the last log line
+        self.losses = []   # the first step's loss and every logged window's: the running median
 
     def update(self, step, **metrics):
         """Record one finished step; write a log line every log_every steps and at the last one."""
@@ -457,6 +441,8 @@ class Progress:
         self.count += 1
         self.step = step
         self.bar.update(1)
+        if not self.losses:
+            self.losses.append(abs(float(self.sums["loss"])))
         last = step % self.log_every == 0 or step == self.bar.total
         if last or self.sums["loss"].device.type == "cpu":
             self.check_finite()   # every step on the CPU (free), at each log line on a GPU
@@ -468,16 +454,17 @@ class Progress:
                 f.write(json.dumps(record) + "\n")
             self.bar.set_postfix(loss=f"{record['loss']:.4f}",
                                  img_s=f"{record['images_per_s']:.0f}")
-            self.sums = {}
-            self.count = 0
-            self.t0 = time.time()
+            self.losses.append(abs(record["loss"]))
+            self.sums, self.count, self.t0 = {}, 0, time.time()
 
-    def check_finite(self):
-        """Stop at a NaN or infinite loss, before a checkpoint could store the broken weights."""
-        if self.count and not np.isfinite(float(self.sums["loss"])):
-            loss = float(self.sums["loss"])
-            raise UserError(f"the loss became {loss} by step {self.step}: training diverged; "
-                            f"try a lower --lr (no checkpoint was written after it)")
+    def check_finite(self, loss=None, what="the loss"):
+        """Stop before a checkpoint stores broken weights: at a loss (this window's, or `loss`)
+        that is NaN, infinite or over 1,000 times the running median of the losses so far."""
+        if loss is None and self.count:
+            loss = float(self.sums["loss"]) / self.count
+        if loss is not None and not abs(loss) <= 1000 * max(np.median(self.losses), 1e-6):
+            raise UserError(f"{what} became {loss:.4g} by step {self.step}: training diverged; "
+                            f"try a lower {self.hint} (no checkpoint was written after it)")
 
     def close(self):
         self.bar.close()

@@ -29,11 +29,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 from tqdm import tqdm
 
 from common import (IMAGE_EXTENSIONS, Progress, UserError, atomic_save, download, file_digest,
-                    load_data, pick_device, run_cli, sample_batch, save_checkpoint, to_model_input)
+                    load_data, open_rgb, pick_device, run_cli, sample_batch, save_checkpoint,
+                    to_model_input)
 
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
@@ -354,11 +354,7 @@ def read_file_source(path):
             raise UserError(f"{path} holds no images")
         images = []
         for f in tqdm(files, desc=f"reading {path}", leave=False):
-            try:
-                with Image.open(f) as im:
-                    images.append(np.asarray(im.convert("RGB")))
-            except OSError as e:
-                raise UserError(f"cannot read the image {f} ({e.__class__.__name__})")
+            images.append(np.asarray(open_rgb(f)))
         if len({im.shape for im in images}) > 1:
             raise UserError(f"the images in {path} have different sizes; FID needs one size")
         return "images", np.stack(images), None, None
@@ -368,13 +364,22 @@ def read_file_source(path):
     try:   # allow_pickle=False: an npz of Python objects could run code
         with np.load(path, allow_pickle=False) as f:
             if "mu" in f and "sigma" in f:
-                return "stats", (f["mu"], f["sigma"])
+                mu, sigma = f["mu"], f["sigma"]
+                if (mu.ndim != 1 or sigma.shape != (len(mu), len(mu)) or not np.isfinite(mu).all()
+                        or not np.isfinite(sigma).all()):
+                    raise UserError(f"{path} is not a statistics file: mu must be a finite vector "
+                                    f"and sigma a finite square matrix of its size")
+                return "stats", (mu, sigma)
             images = f["arr_0"] if "arr_0" in f else None
             if (images is None or images.ndim != 4 or images.shape[-1] != 3
                     or images.dtype != np.uint8):
                 raise UserError(f"{path} holds neither mu/sigma statistics nor uint8 NHWC images "
                                 f"under arr_0")
-            return "images", images, (f["arr_1"] if "arr_1" in f else None), None
+            labels = f["arr_1"] if "arr_1" in f else None
+            if labels is not None and labels.shape != (len(images),):
+                raise UserError(f"{path} holds {len(images)} images but labels (arr_1) of shape "
+                                f"{labels.shape}: one label per image")
+            return "images", images, labels, None
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
         raise UserError(f"{path} is not a readable npz of images or statistics "
                         f"({e.__class__.__name__})")
@@ -401,6 +406,11 @@ def source_statistics(source, model, args, device):
     if cache is not None:
         atomic_save(cache, lambda tmp: np.savez(tmp, mu=mu, sigma=sigma))
     return mu, sigma, logits, labels
+
+def check_same_features(mu1, mu2):
+    if mu1.shape != mu2.shape:
+        raise UserError(f"the two sources have features of sizes {len(mu1)} and {len(mu2)}: "
+                        f"statistics files must come from the same --features")
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -436,6 +446,8 @@ def main(argv=None):
         raise UserError(f"--save-stats writes to {target}: it must end in .npz, in an existing "
                         f"folder")
     sources = [read_source(s, args) for s in args.sources[:1 if args.save_stats else 2]]
+    if len(sources) == 2 and all(kind == "stats" for kind, *_ in sources):   # before any network
+        check_same_features(sources[0][1][0], sources[1][1][0])
     device = pick_device(args.device)
     if args.features == "inception":
         model, digest = load_inception(args.weights, device)
@@ -468,8 +480,9 @@ def main(argv=None):
         accuracy = (logits1.argmax(1) == labels1).mean()
         print(f"class accuracy of {args.sources[0]} (each sample shows the class it was asked "
               f"for): {100 * accuracy:.2f}%")
+    check_same_features(mu1, mu2)
     print(f"{label}: {frechet_distance(mu1, sigma1, mu2, sigma2):.4f}")
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, "--batch-size")

@@ -180,10 +180,15 @@ def main(argv=None):
                         "not negative")
     if args.steps > NUM_TIMESTEPS:
         raise UserError(f"--steps {args.steps} is more than the schedule's {NUM_TIMESTEPS} steps")
-    if not 0 <= args.cfg_scale < float("inf"):
-        raise UserError(f"--cfg-scale must be a finite number >= 0, not {args.cfg_scale}")
+    if not 0 <= args.cfg_scale <= 100:   # beyond, guidance only saturates the images
+        raise UserError(f"--cfg-scale must lie in [0, 100], not {args.cfg_scale}")
     if not 0 <= args.eta <= 1:
         raise UserError(f"--eta must lie in [0, 1] (0: deterministic, 1: DDPM), not {args.eta}")
+    if not 0 <= args.seed < 2 ** 32:
+        raise UserError(f"--seed must be an integer from 0 to {2 ** 32 - 1}, not {args.seed}")
+    if Path(args.run).exists() and not Path(args.run).is_dir():
+        raise UserError(f"--run {args.run} is a file, not a folder; name the run folder that "
+                        f"holds dit.pt")
     out = Path(args.out or Path(args.run) / "samples.npz")
     if args.num and out.suffix != ".npz":
         raise UserError(f"--out {out} must end in .npz")
@@ -218,4 +223,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, "--batch-size")

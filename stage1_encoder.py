@@ -9,14 +9,19 @@ towards a latent that is easy to decode, and so easy to generate. Stage 2 (stage
 freezes this encoder and trains the real decoder.
 
 Read from the top: the defaults, the autoencoder and its weakening, stage-1 training, main(). The
-data sources, checkpoints, logs and pictures are shared plumbing and live in common.py.
+data sources, checkpoints, logs and pictures are shared plumbing and live in common.py; the run
+folder's rules (one writer, no finished run started over by mistake) close this file, since every
+later stage imports them from here.
 
     python stage1_encoder.py --data shapes                                # -> runs/shapes/stage1.pt
     python stage1_encoder.py --run runs/joint --aux-dropout 0 --aux-width 1   # the joint baseline
     python stage1_encoder.py --data data/digits --no-flip   # digits, text: no mirror images
 """
 import argparse
+import json
+import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +29,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (Interrupted, Progress, UserError, add_training_flags, atomic_save, autocast,
-                    check_training_flags, count_params, load_data, load_optimizer,
-                    pick_device, prepare_run, resume_checkpoint, run_cli,
-                    sample_batch, save_checkpoint, save_grid, seeded_generator,
-                    spread_indices, to_model_input, to_uint8_images)
+from common import (STAGES, Interrupted, Progress, UserError, add_training_flags, atomic_save,
+                    autocast, count_params, load_checkpoint, load_data, load_optimizer,
+                    parse_training_args, pick_device, run_cli, sample_batch, save_checkpoint,
+                    save_grid, seeded_generator, spread_indices, to_model_input, to_uint8_images)
 
 # -----------------------------------------------------------------------------
 # Defaults: the recommended recipe (every one is a flag of main())
@@ -148,17 +152,16 @@ def train(args):
     run = Path(args.run)
     ckpt_path = run / "stage1.pt"
     log_path = run / "log_stage1.jsonl"
-    if args.resume:
-        ckpt = resume_checkpoint(ckpt_path, log_path, stage=1, steps=args.steps)
+    config = dict(data=args.data, data_dir=str(args.data_dir), image_size=args.image_size,
+                  channels=args.channels, ch_mult=list(args.ch_mult),
+                  latent_channels=args.latent_channels, num_res_blocks=args.num_res_blocks,
+                  aux_dropout=args.aux_dropout, aux_width=args.aux_width,
+                  scale_equivariance=args.scale_equivariance, loss=args.loss, lr=args.lr,
+                  batch_size=args.batch_size, seed=args.seed, flip=not args.no_flip)
+    if args.resume:   # the checkpoint's configuration; a typed flag may not change it
+        flags = {key: "no_flip" if key == "flip" else key for key in config}
+        ckpt = resume_checkpoint(ckpt_path, log_path, 1, args, config, flags)
         config = ckpt["config"]
-    else:
-        config = dict(data=args.data, data_dir=str(args.data_dir), image_size=args.image_size,
-                      channels=args.channels, ch_mult=list(args.ch_mult),
-                      latent_channels=args.latent_channels, num_res_blocks=args.num_res_blocks,
-                      aux_dropout=args.aux_dropout, aux_width=args.aux_width,
-                      scale_equivariance=args.scale_equivariance, loss=args.loss, lr=args.lr,
-                      batch_size=args.batch_size, seed=args.seed, flip=not args.no_flip)
-    run = prepare_run(run)
     train_data = load_data(config["data"], config["data_dir"], "train", config["image_size"])
     test_data = load_data(config["data"], config["data_dir"], "test", config["image_size"])
 
@@ -179,7 +182,7 @@ def train(args):
         set_rng_state(ckpt["rng_state"])
         print(f"resuming {ckpt_path} at step {step}", file=sys.stderr)
     else:
-        log_path.unlink(missing_ok=True)
+        clear_stage(run, stage=1)
     print(f"stage 1 on {train_data.description}, device {device}, encoder {count_params(encoder)}, "
           f"auxiliary decoder {count_params(aux_decoder)} (dropout {config['aux_dropout']}, "
           f"width {config['aux_width']})", file=sys.stderr)
@@ -257,8 +260,7 @@ def main(argv=None):
                    help="no random horizontal flips, here and in every later stage (digits, text, "
                    "anything not mirror-symmetric)")
     add_training_flags(p, STEPS, BATCH_SIZE, LR, ckpt_every=1000, checkpoint="stage1.pt")
-    args = p.parse_args(argv)
-    check_training_flags(args, STEPS)
+    args = parse_training_args(p, argv, STEPS)
     if args.run is None:
         args.run = str(Path("runs") / Path(args.data).name)
     if not 0 <= args.scale_equivariance < float("inf"):
@@ -272,10 +274,11 @@ def main(argv=None):
     if args.data in ("cifar10", "shapes"):   # their images are 32x32
         args.image_size = 32
     factor = 2 ** (len(args.ch_mult) - 1)
-    if args.image_size < 8 or args.image_size % factor:
-        raise UserError(f"--image-size {args.image_size} must be at least 8 and divisible by "
+    if not 8 <= args.image_size <= 1024 or args.image_size % factor:
+        raise UserError(f"--image-size {args.image_size} must be from 8 to 1024 and divisible by "
                         f"{factor} (the {len(args.ch_mult)} levels of --ch-mult)")
-    train(args)
+    with open_run(args.run, 1, args.resume, args.overwrite):
+        train(args)
 
 def psnr(x_hat, x):
     """Per-image PSNR in dB of images in [-1, 1] (peak-to-peak 2: images in [0, 1] with peak 1)."""
@@ -303,5 +306,89 @@ def evaluate_reconstruction(encoder, decoder, data, device, png_path, npz_path=N
     return psnr(x_hat.clamp(-1, 1), to_model_input(images)).mean().item()
 
 
+# -----------------------------------------------------------------------------
+# Run folders, shared by every stage: one writer at a time, a finished run never started over by
+# mistake, a resumed run continued as it was configured
+
+@contextmanager
+def open_run(run, stage, resume, overwrite, lock=True):
+    """The run folder of one stage, created and locked while the stage runs. A fresh run never
+    lands on a finished one: its checkpoint (or a later stage's) asks for --resume, --overwrite."""
+    run, before = Path(run), STAGES.get(stage - 1)
+    if run.exists() and not run.is_dir():
+        raise UserError(f"--run {run} is a file, not a folder; choose another --run")
+    if before and not (run / before[0]).is_file():
+        raise UserError(f"{run / before[0]} does not exist: run {before[1]} --run {run} first")
+    if resume and overwrite:
+        raise UserError("--resume continues a run and --overwrite starts it over: pass only one")
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+        if lock:   # creating the lock file also proves the folder is writable
+            take_lock(run / ".lock")
+    except OSError as e:
+        raise UserError(f"cannot write into the run folder {run} ({e.strerror}); "
+                        f"choose another --run") from None
+    try:
+        for tmp in run.glob(".*.tmp*"):   # .NAME.tmpPID: left by a killed save
+            pid = tmp.name.rsplit(".tmp", 1)[1].split(".")[0]
+            if pid.isdigit() and not process_alive(pid):
+                tmp.unlink(missing_ok=True)
+        done = [STAGES[s][0] for s in STAGES if s >= stage and (run / STAGES[s][0]).exists()]
+        if done and not resume and not overwrite:
+            raise UserError(f"{run} already holds {' and '.join(done)}: add --resume to continue, "
+                            f"choose another --run, or add --overwrite to start stage {stage} over "
+                            f"(it deletes {' and '.join(done)} and the logs and pictures that go "
+                            f"with it)")
+        yield run
+    finally:
+        if lock:
+            (run / ".lock").unlink(missing_ok=True)
+
+def take_lock(path):
+    """Create RUN/.lock holding this process's PID, atomically; take over one whose PID is gone."""
+    owner = path.read_text().strip() if path.exists() else ""
+    if owner.isdigit() and not process_alive(owner):
+        print(f"note: taking over {path}, left by a process that is gone (PID {owner})",
+              file=sys.stderr)
+        path.unlink(missing_ok=True)
+    try:
+        with open(path, "x") as f:   # "x": create the file, or fail if it exists
+            f.write(str(os.getpid()))
+    except FileExistsError:
+        raise UserError(f"another process (PID {owner or '?'}) is writing to {path.parent}: wait "
+                        f"for it or choose another --run (if none is, delete {path})") from None
+
+def process_alive(pid):
+    """Whether a process runs; assumed so where /proc cannot tell (macOS, Windows)."""
+    return not Path("/proc/self").exists() or Path(f"/proc/{pid}").exists()
+
+def clear_stage(run, stage):
+    """A fresh run, before it trains: delete what this stage and later ones wrote here before."""
+    for s in range(stage, len(STAGES) + 1):
+        for name in (STAGES[s][0], *STAGES[s][2]):
+            (Path(run) / name).unlink(missing_ok=True)
+
+def resume_checkpoint(ckpt_path, log_path, stage, args, fresh_config, flags):
+    """--resume: the stage's own checkpoint, unless finished or asked to change its configuration
+    (`flags`: config key -> flag); the log is cut back to the checkpoint's step."""
+    ckpt = load_checkpoint(ckpt_path, stage)
+    if ckpt["step"] >= args.steps:
+        raise UserError(f"{ckpt_path} is already at step {ckpt['step']}; to train longer, "
+                        f"pass a --steps above {ckpt['step']} with --resume")
+    saved = ckpt["config"]
+    changed = [f"--{flag.replace('_', '-')} ({fresh_config[key]}, the checkpoint has "
+               f"{saved.get(key)})" for key, flag in flags.items()
+               if flag in args.given and fresh_config[key] != saved.get(key)]
+    if changed:
+        raise UserError(f"--resume continues {ckpt_path} as it was configured, but "
+                        f"{'; '.join(changed)}: drop these flags, or start a new run with another "
+                        f"--run (--steps may be raised)")
+    if Path(log_path).exists():   # lines logged after the checkpoint would be repeated
+        kept = [line for line in Path(log_path).read_text().splitlines(keepends=True)
+                if line.strip() and json.loads(line)["step"] <= ckpt["step"]]
+        atomic_save(log_path, lambda tmp: Path(tmp).write_text("".join(kept)))
+    return ckpt
+
+
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, "--batch-size, --channels or --latent-channels")

@@ -28,13 +28,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (Interrupted, Progress, UserError, add_training_flags, autocast,
-                    check_training_flags, count_params, file_digest, load_checkpoint, load_data,
-                    load_optimizer, pick_device, prepare_run, resume_checkpoint, run_cli,
-                    sample_batch, save_checkpoint, save_grid, seeded_generator, spread_indices,
-                    to_model_input)
-from stage1_encoder import (Decoder, Encoder, autoencoder_kwargs, evaluate_reconstruction,
-                            reconstruction_loss, scale_equivariance_loss)
+from common import (Interrupted, Progress, UserError, add_training_flags, autocast, count_params,
+                    file_digest, load_checkpoint, load_data, load_optimizer, parse_training_args,
+                    pick_device, run_cli, sample_batch, save_checkpoint, save_grid,
+                    seeded_generator, spread_indices, to_model_input)
+from stage1_encoder import (Decoder, Encoder, autoencoder_kwargs, clear_stage,
+                            evaluate_reconstruction, open_run, reconstruction_loss,
+                            resume_checkpoint, scale_equivariance_loss)
 
 # -----------------------------------------------------------------------------
 # Defaults: the recommended recipe (every one is a flag of main())
@@ -179,7 +179,7 @@ def train(args):
     device = pick_device(args.device)
     stage1_path = (Path(args.run) / "stage1.pt").resolve()
     stage1 = load_checkpoint(stage1_path, stage=1)
-    run = prepare_run(args.run)
+    run = Path(args.run)
     ckpt_path = run / "autoencoder.pt"
     log_path = run / "log_stage2.jsonl"
     if not stage1["finished"]:
@@ -187,15 +187,17 @@ def train(args):
                         f"{stage1['total_steps']}: finish it first (python stage1_encoder.py "
                         f"--run {args.run} --steps {stage1['total_steps']} --resume)")
 
-    if args.resume:
-        ckpt = resume_checkpoint(ckpt_path, log_path, stage=2, steps=args.steps)
+    config = dict(stage1["config"], stage2_lr=args.lr, stage2_batch_size=args.batch_size,
+                  stage2_seed=args.seed, joint=args.joint, gan_weight=args.gan_weight,
+                  gan_start=args.gan_start, stage1_steps=stage1["step"], decoder_init="aux")
+    if args.fresh_decoder or config["aux_width"] != 1:   # a narrower aux decoder: other shapes
+        config["decoder_init"] = "fresh"
+    if args.resume:   # the checkpoint's configuration; a typed flag may not change it
+        flags = dict(stage2_lr="lr", stage2_batch_size="batch_size", stage2_seed="seed",
+                     joint="joint", gan_weight="gan_weight", gan_start="gan_start",
+                     decoder_init="fresh_decoder")
+        ckpt = resume_checkpoint(ckpt_path, log_path, 2, args, config, flags)
         config = ckpt["config"]
-    else:
-        config = dict(stage1["config"], stage2_lr=args.lr, stage2_batch_size=args.batch_size,
-                      stage2_seed=args.seed, joint=args.joint, gan_weight=args.gan_weight,
-                      gan_start=args.gan_start, stage1_steps=stage1["step"], decoder_init="aux")
-        if args.fresh_decoder or config["aux_width"] != 1:   # a narrower aux decoder: other shapes
-            config["decoder_init"] = "fresh"
     joint = config["joint"]
     if joint and (config["aux_dropout"] != 0 or config["aux_width"] != 1):
         raise UserError(f"--joint continues an unweakened stage 1, but {stage1_path} was trained "
@@ -240,7 +242,7 @@ def train(args):
         step = ckpt["step"]
         print(f"resuming {ckpt_path} at step {step}", file=sys.stderr)
     else:
-        log_path.unlink(missing_ok=True)
+        clear_stage(run, stage=2)
     encoder.train(joint)   # a frozen encoder stays in eval mode
     decoder.train()
     gan = f", GAN weight {config['gan_weight']} from step {config['gan_start']}" if use_gan else ""
@@ -260,7 +262,7 @@ def train(args):
                          "metrics": metrics}, ckpt_path)
 
     progress = Progress(log_path, args.steps, step, config["stage2_batch_size"], args.log_every,
-                        "stage 2")
+                        "stage 2", hint="--lr or --gan-weight" if use_gan else "--lr")
     try:
         while step < args.steps:
             batch_generator = seeded_generator(config["stage2_seed"], step, stream=2, num_streams=8)
@@ -346,12 +348,12 @@ def main(argv=None):
     p.add_argument("--gan-start", type=int, default=GAN_START,
                    help="step at which the adversarial loss starts")
     add_training_flags(p, STEPS, BATCH_SIZE, LR, ckpt_every=1000, checkpoint="autoencoder.pt")
-    args = p.parse_args(argv)
-    check_training_flags(args, STEPS)
-    if not args.gan_weight >= 0:
-        raise UserError(f"--gan-weight must not be negative, not {args.gan_weight}")
-    train(args)
+    args = parse_training_args(p, argv, STEPS)
+    if not 0 <= args.gan_weight < float("inf") or args.gan_start < 0:
+        raise UserError("--gan-weight must be a finite number >= 0 and --gan-start >= 0")
+    with open_run(args.run, 2, args.resume, args.overwrite):
+        train(args)
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, "--batch-size")

@@ -26,9 +26,10 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (Interrupted, Progress, UserError, add_training_flags, autocast,
-                    check_training_flags, count_params, load_optimizer, pick_device, prepare_run,
-                    resume_checkpoint, run_cli, save_checkpoint, seeded_generator)
+from common import (Interrupted, Progress, UserError, add_training_flags, autocast, count_params,
+                    load_optimizer, parse_training_args, pick_device, run_cli, save_checkpoint,
+                    seeded_generator)
+from stage1_encoder import clear_stage, open_run, resume_checkpoint
 from stage2_decoder import build_latent_cache, load_autoencoder
 
 # -----------------------------------------------------------------------------
@@ -313,22 +314,21 @@ def train(args):
     ckpt_path = run / "dit.pt"
     log_path = run / "log_dit.jsonl"
     ae, ae_digest = load_autoencoder(ae_path)
-    if args.resume:
-        ckpt = resume_checkpoint(ckpt_path, log_path, stage=3, steps=args.steps)
+    latent_size = ae["config"]["image_size"] // 2 ** (len(ae["config"]["ch_mult"]) - 1)
+    config = dict(model=args.model, patch=args.patch, input_size=latent_size,
+                  in_channels=ae["config"]["latent_channels"], attn=args.attn, lr=args.lr,
+                  batch_size=args.batch_size, warmup=args.warmup, grad_clip=args.grad_clip,
+                  ema_decay=args.ema_decay, class_dropout=args.class_dropout, seed=args.seed,
+                  target=args.target, schedule=args.schedule, min_snr_gamma=args.min_snr_gamma,
+                  t_sampling=args.t_sampling, lr_schedule=args.lr_schedule,
+                  autoencoder_path=str(ae_path))
+    if args.resume:   # the checkpoint's configuration; a typed flag may not change it
+        ckpt = resume_checkpoint(ckpt_path, log_path, 3, args, config, {k: k for k in config})
         config = ckpt["config"]
         if ckpt["autoencoder_sha256"] != ae_digest:
             raise UserError(f"{ae_path} is not the autoencoder {ckpt_path} was trained on (its "
                             f"sha256 differs): resuming would train on another latent space; "
                             f"start a new run instead")
-    else:
-        latent_size = ae["config"]["image_size"] // 2 ** (len(ae["config"]["ch_mult"]) - 1)
-        config = dict(model=args.model, patch=args.patch, input_size=latent_size,
-                      in_channels=ae["config"]["latent_channels"], attn=args.attn, lr=args.lr,
-                      batch_size=args.batch_size, warmup=args.warmup, grad_clip=args.grad_clip,
-                      ema_decay=args.ema_decay, class_dropout=args.class_dropout, seed=args.seed,
-                      target=args.target, schedule=args.schedule,
-                      min_snr_gamma=args.min_snr_gamma, t_sampling=args.t_sampling,
-                      lr_schedule=args.lr_schedule, autoencoder_path=str(ae_path))
     size = config["input_size"]
     if config["patch"] < 1 or size % config["patch"]:
         raise UserError(f"--patch {config['patch']} does not divide the {size}x{size} latent")
@@ -336,7 +336,6 @@ def train(args):
     device = pick_device(args.device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", torch.cuda.current_device())
-    run = prepare_run(run)
     cache_path = run / "latents.pt"
     cache = build_latent_cache(ae, ae_digest, cache_path, device) if rank == 0 else None
     if world > 1:
@@ -360,7 +359,7 @@ def train(args):
         load_optimizer(optimizer, ckpt["optimizer"], device)
         step = ckpt["step"]
     elif rank == 0:
-        log_path.unlink(missing_ok=True)
+        clear_stage(run, stage=3)
     if rank == 0:
         resuming = f", resuming at step {step}" if step else ""
         print(f"{config['model']}/{config['patch']}: {count_params(model)}, "
@@ -419,6 +418,7 @@ def train(args):
         ema.eval()
         heldout = fixed_step_loss(ema, cache["heldout_latents"], cache["heldout_labels"], config,
                                   device)
+        progress.check_finite(heldout, "the held-out loss of the EMA weights")
         checkpoint({"final_loss": loss.item(), "heldout_loss": heldout})
         from sample import save_sample_grid   # sample.py imports this file: import it late
         save_sample_grid(ema, ae, config, run / "dit_samples.png", device)
@@ -453,15 +453,17 @@ def main(argv=None):
     add_training_flags(p, STEPS, BATCH_SIZE, LR, ckpt_every=2000, checkpoint="dit.pt")
     argv = sys.argv[1:] if argv is None else argv
     # torchrun's parser takes `--run` for its `--run-path`: `torchrun ... file.py -- --run DIR`
-    args = p.parse_args(argv[1:] if argv[:1] == ["--"] else argv)
-    check_training_flags(args, STEPS)
-    if args.patch < 1 or args.warmup < 0 or not args.grad_clip > 0 or args.min_snr_gamma < 0:
-        raise UserError("--patch must be positive, --warmup and --min-snr-gamma not negative, "
-                        "--grad-clip positive")
+    args = parse_training_args(p, argv[1:] if argv[:1] == ["--"] else argv, STEPS)
+    if args.patch < 1 or args.warmup < 0 or not 0 < args.grad_clip < float("inf") or not (
+            0 <= args.min_snr_gamma < float("inf")):
+        raise UserError("--patch must be positive, --warmup >= 0, --min-snr-gamma finite and "
+                        ">= 0, and --grad-clip finite and positive")
     if not (0 <= args.ema_decay < 1 and 0 <= args.class_dropout < 1):
         raise UserError("--ema-decay and --class-dropout must lie in [0, 1)")
-    train(args)
+    rank0 = os.environ.get("RANK", "0") == "0"   # under torchrun, one process locks the folder
+    with open_run(args.run, 3, args.resume, args.overwrite, lock=rank0):
+        train(args)
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, "--batch-size or --model")

@@ -107,6 +107,14 @@ def test_corrupt_image_is_named(tmp_path):
         common.load_data(str(tmp_path))
 
 
+def test_a_16_bit_grey_image_is_scaled_not_clipped_to_white(tmp_path):
+    grey = np.full((8, 8), 32768, np.uint16)   # mid-grey in 16 bits
+    Image.fromarray(grey).save(tmp_path / "a.png")
+    assert Image.open(tmp_path / "a.png").mode.startswith("I")   # Pillow reads it as 16-bit
+    data = common.load_data(str(tmp_path), image_size=8)
+    assert data.images.unique().tolist() == [128]   # 32768 / 257, rounded
+
+
 # --- shapes --------------------------------------------------------------------------------------
 
 def test_shapes_are_deterministic_and_balanced():
@@ -177,3 +185,16 @@ def test_a_checkpoint_of_another_format_is_refused_in_one_sentence(tmp_path):
     torch.save({"stage": 1, "encoder": {"w": torch.ones(2)}}, path)   # no format: an older file
     with pytest.raises(common.UserError, match="older version of this project; train it again"):
         common.load_checkpoint(path, stage=1)
+
+
+# --- the progress log's divergence stop -----------------------------------------------------------
+
+def test_a_loss_1000_times_its_running_median_stops_training(tmp_path):
+    progress = common.Progress(tmp_path / "log.jsonl", 100, 0, 1, log_every=2, desc="test")
+    for step, loss in enumerate([1.0, 0.5, 0.4, 0.3, 200.0], start=1):   # 200: far, but < 1000x
+        progress.update(step, loss=torch.tensor(loss))
+    with pytest.raises(common.UserError, match="diverged; try a lower --lr"):
+        progress.update(6, loss=torch.tensor(1e6))   # this window's mean 5e5 > 1000 x median
+    with pytest.raises(common.UserError, match="held-out loss became nan"):
+        progress.check_finite(float("nan"), "the held-out loss")
+    progress.close()

@@ -1,7 +1,8 @@
 """Every user mistake and fault ends in one sentence: a non-zero exit, one `error:` line (the last
-line of stderr), no traceback, and no new or half-written file in the run folder. One table of named
-cases, run through the scripts' real main() in this process (fast), plus a full disk, a real Ctrl-C
-and a crafted data file that must not run code."""
+line of stderr), no traceback, and every file of the run folder byte-identical afterwards (nothing
+new, nothing half-written, nothing of an earlier run lost). One table of named cases, run through
+the scripts' real main() in this process (fast), plus a full disk, a real Ctrl-C, two processes on
+one run folder and a crafted data file that must not run code."""
 import errno
 import hashlib
 import io
@@ -43,9 +44,11 @@ def run_main(script, args, capsys):
 
 
 def files(folder):
+    """{relative path: sha256} of every file under folder."""
     if not folder.exists():
-        return []
-    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*"))
+        return {}
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 # --- the setups: each prepares files under tmp from the suite's tiny runs (fx) ------------------
@@ -96,9 +99,23 @@ def npz(path, **arrays):
 
 
 def read_only_folders(tmp, fx):
-    def refuse(*args):
+    def refuse(*args):   # the first file a stage creates in its run folder is the lock
         raise OSError(errno.EROFS, "Read-only file system")
-    fx["monkeypatch"].setattr(common.Path, "write_bytes", refuse)
+    fx["monkeypatch"].setattr(s1, "take_lock", refuse)
+
+
+def live_lock(tmp, fx):
+    """tmp/run/.lock held by a process that runs: this test's own."""
+    (tmp / "run").mkdir(exist_ok=True)
+    (tmp / "run" / ".lock").write_text(str(os.getpid()))
+
+
+def image(path, array, mode=None):
+    """An image file at tmp/path (its folder created)."""
+    def setup(tmp, fx):
+        (tmp / path).parent.mkdir(parents=True, exist_ok=True)
+        common.Image.fromarray(array, mode).save(tmp / path)
+    return setup
 
 
 class Payload:
@@ -178,6 +195,36 @@ CASES = {
     "stage1 --resume of a finished run": Case(
         "stage1", ["--resume", "--steps", "20", "--run", "{run}"], ["already at step 20"],
         [copy("ae", "stage1.pt")]),
+    "stage1 fresh run into a finished run": Case(
+        "stage1", ["--data", "{folder}", *TINY_S1, "--run", "{run}"], ["already holds stage1.pt",
+        "--resume", "--overwrite"], [copy("ae", "stage1.pt", "log_stage1.jsonl",
+                                          "stage1_recon.png")]),
+    "stage1 fresh run under later stages": Case(
+        "stage1", ["--data", "{folder}", *TINY_S1, "--run", "{run}"], ["autoencoder.pt and dit.pt"],
+        [copy("dit", "autoencoder.pt", "dit.pt", "log_dit.jsonl")]),
+    "stage1 --resume --overwrite": Case(
+        "stage1", ["--resume", "--overwrite", "--run", "{run}"], ["only one"],
+        [copy("ae", "stage1.pt")]),
+    "stage1 --resume with other flags": Case(
+        "stage1", ["--resume", "--steps", "30", "--lr", "5", "--channels", "64", "--run", "{run}"],
+        ["--channels (64", "--lr (5.0", "--steps may be raised"],
+        [copy("ae", "stage1.pt", "log_stage1.jsonl")]),
+    "stage1 run folder locked by a live process": Case(
+        "stage1", ["--data", "{folder}", *TINY_S1, "--resume", "--steps", "30", "--run", "{run}"],
+        ["another process", "PID"], [copy("ae", "stage1.pt"), live_lock]),
+    "stage1 --seed 2**64": Case("stage1", ["--seed", str(2 ** 64), "--run", "{run}"], ["--seed"]),
+    "stage1 out of memory (--channels 1000000)": Case(
+        "stage1", ["--data", "{folder}", *TINY_S1, "--channels", "1000000", "--run", "{run}"],
+        ["out of memory", "lower --batch-size"]),
+    "stage1 --image-size 100000": Case(
+        "stage1", ["--data", "{folder}", "--image-size", "100000", "--run", "{run}"],
+        ["--image-size 100000"]),
+    "stage1 float TIFF": Case(
+        "stage1", ["--data", "{tmp}/float", *TINY_S1, "--run", "{run}"], ["floating-point"],
+        [image("float/a.tif", np.ones((8, 8), np.float32), "F")]),
+    "stage1 folder mixing images and class folders": Case(
+        "stage1", ["--data", "{tmp}/mixed", *TINY_S1, "--run", "{run}"], ["mixes images"],
+        [image("mixed/a.png", ZEROS[0]), image("mixed/cats/b.png", ZEROS[0])]),
     "stage1 --resume of an older checkpoint": Case(
         "stage1", ["--resume", "--steps", "30", "--run", "{run}"], ["older version",
         "train it again"], [edited_checkpoint("ae", "stage1.pt", format=None)]),
@@ -196,6 +243,17 @@ CASES = {
         [nan_weights("ae", "stage1.pt", "encoder")]),
     "stage2 --joint on a weakened stage 1": Case(
         "stage2", ["--joint", "--run", "{run}"], ["--aux-dropout 0 --aux-width 1"],
+        [copy("ae", "stage1.pt")]),
+    "stage2 --run is a file": Case(
+        "stage2", ["--run", "{tmp}/file"], ["is a file"], [write("file", "x")], watch="{tmp}"),
+    "stage2 fresh run into a finished run": Case(
+        "stage2", ["--steps", "3", "--run", "{run}"], ["already holds autoencoder.pt"],
+        [copy("ae", "stage1.pt", "autoencoder.pt", "log_stage2.jsonl", "latents.png")]),
+    "stage2 --resume with other flags": Case(
+        "stage2", ["--resume", "--steps", "40", "--lr", "5", "--joint", "--run", "{run}"],
+        ["--lr (5.0", "--joint (True"], [copy("ae", "stage1.pt", "autoencoder.pt")]),
+    "stage2 --gan-weight inf": Case(
+        "stage2", ["--gan-weight", "inf", "--run", "{run}"], ["--gan-weight"],
         [copy("ae", "stage1.pt")]),
     "stage2 --resume of a finished run": Case(
         "stage2", ["--resume", "--steps", "20", "--run", "{run}"], ["already at step 20"],
@@ -216,6 +274,20 @@ CASES = {
         "dit", ["--resume", "--steps", "10", "--run", "{run}"], ["already at step 10"],
         [copy("dit", "autoencoder.pt", "dit.pt")]),
     "dit --ema-decay 1.5": Case("dit", ["--ema-decay", "1.5", "--run", "{run}"], ["--ema-decay"]),
+    "dit --min-snr-gamma nan": Case(
+        "dit", ["--min-snr-gamma", "nan", "--run", "{run}"], ["--min-snr-gamma"]),
+    "dit --run is a file": Case(
+        "dit", ["--run", "{tmp}/file"], ["is a file"], [write("file", "x")], watch="{tmp}"),
+    "dit fresh run into a finished run (--lr 1e10)": Case(
+        "dit", ["--lr", "1e10", "--run", "{run}"], ["already holds dit.pt", "--overwrite"],
+        [copy("dit", "autoencoder.pt", "dit.pt", "log_dit.jsonl", "latents.pt")]),
+    "dit --resume with other flags": Case(
+        "dit", ["--resume", "--steps", "50", "--lr", "5", "--patch", "4", "--run", "{run}"],
+        ["--lr (5.0", "--patch (4"], [copy("dit", "autoencoder.pt", "dit.pt")]),
+    "dit diverges and stays finite (--lr 1e10)": Case(
+        "dit", ["--model", "DiT-T", "--patch", "2", "--batch-size", "8", "--steps", "20",
+                "--lr", "1e10", "--ckpt-every", "1", "--run", "{run}"], ["diverged", "lower --lr"],
+        [copy("dit", "autoencoder.pt")], watch=""),
     # sampling
     "sample no dit.pt": Case("sample", ["--run", "{run}"], ["train_latent_dit.py"]),
     "sample --eta 1.5": Case(
@@ -227,6 +299,15 @@ CASES = {
     "sample --cfg-scale nan": Case(
         "sample", ["--cfg-scale", "nan", "--run", "{run}"], ["--cfg-scale"],
         [copy("dit", "autoencoder.pt", "dit.pt")]),
+    "sample --cfg-scale 1e30": Case(
+        "sample", ["--cfg-scale", "1e30", "--run", "{run}"], ["--cfg-scale"],
+        [copy("dit", "autoencoder.pt", "dit.pt")]),
+    "sample --seed -1": Case("sample", ["--seed", "-1", "--run", "{run}"], ["--seed"]),
+    "sample --run is a file": Case(
+        "sample", ["--run", "{tmp}/file"], ["is a file"], [write("file", "x")], watch="{tmp}"),
+    "sample non-finite EMA weights": Case(
+        "sample", ["--run", "{run}"], ["NaN or infinite", "'ema'"],
+        [copy("dit", "autoencoder.pt"), nan_weights("dit", "dit.pt", "ema")]),
     "sample --out into a missing folder": Case(
         "sample", ["--num", "4", "--out", "{tmp}/nowhere/s.npz", "--run", "{run}"],
         ["does not exist"], [copy("dit", "autoencoder.pt", "dit.pt")]),
@@ -258,6 +339,20 @@ CASES = {
         "fid", ["{tmp}/bad.npz", "{tmp}/bad.npz"], ["arr_0"], [npz("bad.npz", x=np.zeros(3))],
         watch="{tmp}"),
     "fid unknown source": Case("fid", ["nowhere.npz", "shapes"], ["neither"], watch="{tmp}"),
+    "fid statistics of the wrong shape": Case(
+        "fid", ["{tmp}/s.npz", "{tmp}/s.npz"], ["square matrix"],
+        [npz("s.npz", mu=np.zeros(4), sigma=np.zeros((3, 3)))], watch="{tmp}"),
+    "fid statistics with NaN": Case(
+        "fid", ["{tmp}/s.npz", "{tmp}/s.npz"], ["finite"],
+        [npz("s.npz", mu=np.full(4, np.nan), sigma=np.eye(4))], watch="{tmp}"),
+    "fid statistics of other features": Case(
+        "fid", ["{tmp}/a.npz", "{tmp}/b.npz"], ["sizes 4 and 3"],
+        [npz("a.npz", mu=np.zeros(4), sigma=np.eye(4)), npz("b.npz", mu=np.zeros(3),
+                                                            sigma=np.eye(3))], watch="{tmp}"),
+    "fid labels that do not match the images": Case(
+        "fid", ["{tmp}/four.npz", "{tmp}/four.npz", *CLASSIFIER], ["one label per image"],
+        [npz("four.npz", arr_0=np.zeros((4, 32, 32, 3), np.uint8), arr_1=np.zeros(3))],
+        watch="{tmp}"),
     "fid missing weights": Case(
         "fid", ["{tmp}/four.npz", "{tmp}/four.npz", "--weights", "{tmp}/missing.pth"],
         ["does not exist"], [npz("four.npz", arr_0=np.zeros((4, 32, 32, 3), np.uint8))],
@@ -293,10 +388,11 @@ def test_every_mistake_ends_in_one_sentence(name, fixtures, tmp_path, capsys, mo
     if watched:
         assert files(common.Path(watched)) == before, "the run folder changed"
     diverged = "diverges" in name
-    for ckpt in tmp_path.rglob("stage1.pt") if diverged else []:   # only finite ones were kept
+    diverged_ckpts = [p for p in tmp_path.rglob("*.pt") if p.name in ("stage1.pt", "dit.pt")]
+    for ckpt in diverged_ckpts if diverged else []:   # only finite weights were kept
         state = torch.load(ckpt, weights_only=True)
-        assert all(torch.isfinite(v).all() for v in state.get("encoder", {}).values()
-                   if v.is_floating_point())
+        weights = [v for key in ("encoder", "model", "ema") for v in state.get(key, {}).values()]
+        assert weights and all(torch.isfinite(v).all() for v in weights if v.is_floating_point())
     assert not list(tmp_path.rglob(".*.tmp*")), "a temp file was left behind"
     assert not (tmp_path / "pwned").exists(), "code from a data file ran"
 
@@ -310,7 +406,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint(shapes_folder, autoencoder_ru
         open(path, "wb").write(b"partial")
         raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0")
     monkeypatch.setattr(torch, "save", full_disk)
-    code, err = run_main("stage1", ["--data", shapes_folder, *TINY_S1, "--run", run], capsys)
+    code, err = run_main("stage1", ["--resume", "--steps", "22", "--run", run], capsys)
     assert code == 1 and "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith("error: could not write")
     assert "disk may be full" in err
@@ -318,7 +414,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint(shapes_folder, autoencoder_ru
     assert not list(run.glob(".*"))                     # and no temp file is left
 
 
-def test_ctrl_c_says_how_to_continue_and_resume_cuts_the_log(shapes_folder, tmp_path):
+def test_one_writer_at_a_time_ctrl_c_and_resume(shapes_folder, tmp_path):
     run = tmp_path / "run"
     args = [sys.executable, str(ROOT / "stage1_encoder.py"), "--data", str(shapes_folder),
             "--run", str(run), "--channels", "16", "--batch-size", "8", "--steps", "100000",
@@ -335,6 +431,14 @@ def test_ctrl_c_says_how_to_continue_and_resume_cuts_the_log(shapes_folder, tmp_
         return [json.loads(line)["step"] for line in text.splitlines(keepends=True)
                 if line.endswith("\n")]
     try:
+        while not (run / "stage1.pt").exists():
+            assert time.time() < deadline and process.poll() is None
+            time.sleep(0.02)
+        # a second process on the same run folder (a second seed started by mistake) is refused
+        second = run_script("stage1_encoder.py", "--data", shapes_folder, "--run", run, "--steps",
+                            "100001", "--resume", check=False)
+        assert second.returncode == 1 and "Traceback" not in second.stderr
+        assert f"another process (PID {process.pid}) is writing to {run}" in second.stderr
         # interrupt a step or two after a checkpoint (every 5 steps): steps were logged after it
         while (not (run / "stage1.pt").exists() or len(logged_steps()) < 7
                or logged_steps()[-1] % 5 not in (1, 2)):
@@ -354,11 +458,15 @@ def test_ctrl_c_says_how_to_continue_and_resume_cuts_the_log(shapes_folder, tmp_
     log_path = run / "log_stage1.jsonl"
     logged = [json.loads(line)["step"] for line in log_path.read_text().splitlines()]
     assert saved % 5 == 0 and max(logged) >= saved   # steps were logged after the last checkpoint
-    # a dead process's temp file
+    assert not (run / ".lock").exists()   # released on Ctrl-C
+    # what a killed process leaves: a temp file and the lock, both taken over
     (run / f".stage1.pt.tmp{2 ** 22 + 7}").write_bytes(b"left by a killed save")
-    run_script("stage1_encoder.py", "--data", shapes_folder, "--run", run, "--channels", "16",
-               "--batch-size", "8", "--steps", str(saved + 2), "--log-every", "1", "--resume")
+    (run / ".lock").write_text(str(2 ** 22 + 7))
+    resumed = run_script("stage1_encoder.py", "--data", shapes_folder, "--run", run, "--channels",
+                         "16", "--batch-size", "8", "--steps", str(saved + 2), "--log-every", "1",
+                         "--resume")
+    assert f"taking over {run / '.lock'}" in resumed.stderr
     logged = [json.loads(line)["step"] for line in log_path.read_text().splitlines()]
     # cut back to the checkpoint, then continued: no step twice
     assert logged == list(range(1, saved + 3))
-    assert not list(run.glob(".*.tmp*"))
+    assert not list(run.glob(".*"))

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 import stage1_encoder as s1
-from conftest import run_script
+from conftest import copy_run, run_script
 
 TINY = ["--channels", "16", "--batch-size", "16", "--log-every", "10"]
 
@@ -146,3 +146,19 @@ def test_any_width_gets_a_group_count_that_divides_it():
     assert all(m.num_channels % m.num_groups == 0 and m.num_channels // m.num_groups >= 4
                for m in norms)
     assert decoder(torch.randn(1, 4, 8, 8)).shape == (1, 3, 32, 32)
+
+
+def test_overwrite_starts_over_and_drops_what_later_stages_built(tmp_path, shapes_folder, dit_run,
+                                                                  autoencoder_run):
+    run = copy_run(autoencoder_run, tmp_path / "run", "stage1.pt", "log_stage1.jsonl",
+                   "autoencoder.pt")
+    copy_run(dit_run, run, "dit.pt", "latents.pt")
+    old = (run / "stage1.pt").read_bytes()
+    s1.main(["--data", str(shapes_folder), "--run", str(run), "--channels", "16", "--batch-size",
+             "8", "--steps", "3", "--log-every", "1", "--overwrite"])
+    assert (run / "stage1.pt").read_bytes() != old
+    assert torch.load(run / "stage1.pt", weights_only=True)["step"] == 3
+    assert len((run / "log_stage1.jsonl").read_text().splitlines()) == 3   # only the new run's
+    assert not (run / "autoencoder.pt").exists() and not (run / "dit.pt").exists()
+    assert (run / "latents.pt").exists()   # a cache, checked against its autoencoder's sha256
+    assert not (run / ".lock").exists()
