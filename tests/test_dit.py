@@ -267,6 +267,6 @@ def test_a_damaged_latent_cache_is_built_again(autoencoder_run, tmp_path, capsys
     dit.main(args)
     good = torch.load(run / "latents.pt", weights_only=True)["latents"]
     (run / "latents.pt").write_bytes(b"damaged")
-    dit.main(args)
+    dit.main([*args, "--overwrite"])
     assert "damaged" in capsys.readouterr().err
     assert torch.equal(torch.load(run / "latents.pt", weights_only=True)["latents"], good)
