@@ -1,7 +1,8 @@
 """
 The plumbing every stage shares, so that each stage script holds only its own idea. A toolbox, top
 to bottom: errors and the command line; the data sources (`cifar10`, the offline `shapes`, a folder
-of images); devices; run folders and checkpoints; the progress bar and its log; pictures.
+of images); devices; checkpoints; the progress bar and its log; pictures. The run folder's rules
+(one writer, no finished run started over) close stage1_encoder.py.
 """
 import argparse
 import hashlib
@@ -359,7 +360,7 @@ def count_params(model):
 
 
 # -----------------------------------------------------------------------------
-# Run folders and checkpoints
+# Checkpoints (what each stage writes into the run folder)
 
 CHECKPOINT_FORMAT = 2   # raised whenever a checkpoint's contents change; older files are refused
 # Per stage: its checkpoint, its script, and the other files it leaves in the run folder.
