@@ -36,9 +36,9 @@ class Interrupted(UserError):
     exit_code = 130
 
     def __init__(self, ckpt_path):
-        how = (f"; the last checkpoint is {ckpt_path}: add --resume to the same command to continue"
-               if Path(ckpt_path).is_file() else " before the first checkpoint; run the same "
-               "command to start again")
+        how = (f"; the last checkpoint is {ckpt_path}: add --resume to the same command (without "
+               f"--overwrite) to continue" if Path(ckpt_path).is_file()
+               else " before the first checkpoint; run the same command to start again")
         super().__init__("stopped by Ctrl-C" + how)
 
 def run_cli(main, memory_flags="--batch-size"):
