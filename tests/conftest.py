@@ -1,5 +1,7 @@
-"""Shared test helpers: run a script as a user would, and a shapes dataset built once."""
+"""Shared test helpers: run a script (as a command line, or its main() in this process), and
+small shapes data and tiny runs built once."""
 
+import importlib
 import os
 import subprocess
 import sys
@@ -11,16 +13,31 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def run_script(script, *args, cwd=None, check=True):
+def run_script(script, *args, check=True):
     """Run one of the project's scripts in a subprocess on the CPU; returns the CompletedProcess."""
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2")
-    result = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd or ROOT,
+    result = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT,
                             env=env, capture_output=True, text=True, timeout=600)
     if check and result.returncode != 0:
         raise AssertionError(
             f"{script} {' '.join(map(str, args))} failed:\n{result.stderr[-3000:]}"
         )
     return result
+
+
+def run_main(script, *args, capsys=None):
+    """Run a script's main() in this process, as its command line would (no interpreter start-up:
+    the tests of one stage use this; the end-to-end test runs the real command lines). Returns
+    what it printed to stdout when capsys is given."""
+    module = importlib.import_module(Path(script).stem)
+    if capsys is not None:
+        capsys.readouterr()
+    try:
+        module.main([str(a) for a in args])
+    except SystemExit as e:
+        if e.code:
+            raise AssertionError(f"{script} {' '.join(map(str, args))} exited with {e.code}")
+    return capsys.readouterr().out if capsys is not None else None
 
 
 @pytest.fixture(scope="session")
@@ -52,9 +69,9 @@ def shapes_folder(tmp_path_factory):
 def autoencoder_run(shapes_folder, tmp_path_factory):
     """A tiny DAE (stage 1 + stage 2) on the small shapes folder: a run with autoencoder.pt."""
     run = tmp_path_factory.mktemp("ae_run")
-    run_script("stage1_encoder.py", "--data", shapes_folder, "--run", run, "--steps", "20",
-               "--channels", "16", "--batch-size", "16")
-    run_script("stage2_decoder.py", "--run", run, "--steps", "20", "--batch-size", "16")
+    run_main("stage1_encoder.py", "--data", shapes_folder, "--run", run, "--steps", "20",
+             "--channels", "16", "--batch-size", "16")
+    run_main("stage2_decoder.py", "--run", run, "--steps", "20", "--batch-size", "16")
     return run
 
 
@@ -70,6 +87,6 @@ def copy_run(src, dst, *names):
 def dit_run(autoencoder_run, tmp_path_factory):
     """A tiny DiT trained for a few steps on the tiny autoencoder: a run folder with dit.pt."""
     run = copy_run(autoencoder_run, tmp_path_factory.mktemp("dit_run"), "autoencoder.pt")
-    run_script("train_latent_dit.py", "--run", run, "--model", "DiT-T", "--patch", "2", "--steps",
-               "10", "--batch-size", "16")
+    run_main("train_latent_dit.py", "--run", run, "--model", "DiT-N", "--patch", "4", "--steps",
+             "10", "--batch-size", "16")
     return run

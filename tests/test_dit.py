@@ -14,9 +14,9 @@ from PIL import Image
 import benchmark_dit
 import sample
 import train_latent_dit as dit
-from conftest import ROOT, copy_run, run_script
+from conftest import ROOT, copy_run, run_main
 
-TINY = ["--model", "DiT-T", "--patch", "2", "--batch-size", "16", "--log-every", "10", "--warmup",
+TINY = ["--model", "DiT-N", "--patch", "4", "--batch-size", "16", "--log-every", "10", "--warmup",
         "1", "--lr", "1e-3"]
 
 
@@ -152,14 +152,10 @@ def test_train_resume_reproduces_the_loss_curve(autoencoder_run, tmp_path):
     # A constant learning rate: a cosine one decays over each invocation's --steps.
     a = copy_run(autoencoder_run, tmp_path / "a", "autoencoder.pt")
     b = copy_run(autoencoder_run, tmp_path / "b", "autoencoder.pt")
-    run_script(
-        "train_latent_dit.py", "--run", a, "--steps", "40", *TINY, "--lr-schedule", "constant"
-    )
-    run_script(
-        "train_latent_dit.py", "--run", b, "--steps", "20", *TINY, "--lr-schedule", "constant"
-    )
+    run_main("train_latent_dit.py", "--run", a, "--steps", "40", *TINY, "--lr-schedule", "constant")
+    run_main("train_latent_dit.py", "--run", b, "--steps", "20", *TINY, "--lr-schedule", "constant")
     cache_time = (b / "latents.pt").stat().st_mtime_ns
-    run_script("train_latent_dit.py", "--run", b, "--steps", "40", *TINY, "--resume")
+    run_main("train_latent_dit.py", "--run", b, "--steps", "40", *TINY, "--resume")
     assert (b / "latents.pt").stat().st_mtime_ns == cache_time  # the latent cache was reused
     log_a, log_b = read_log(a / "log_dit.jsonl"), read_log(b / "log_dit.jsonl")
     assert [r["step"] for r in log_b] == [10, 20, 30, 40]
@@ -167,7 +163,7 @@ def test_train_resume_reproduces_the_loss_curve(autoencoder_run, tmp_path):
         assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5)
     assert log_a[-1]["loss"] < log_a[0]["loss"]
     ckpt = torch.load(a / "dit.pt", weights_only=True)
-    assert ckpt["stage"] == 3 and ckpt["step"] == 40 and ckpt["config"]["model"] == "DiT-T"
+    assert ckpt["stage"] == 3 and ckpt["step"] == 40 and ckpt["config"]["model"] == "DiT-N"
     assert set(ckpt["ema"]) == set(ckpt["model"])
     cache = torch.load(a / "latents.pt", weights_only=True)
     n = len(cache["labels"]) // 2

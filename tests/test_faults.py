@@ -282,10 +282,10 @@ CASES = {
         "dit", ["--lr", "1e10", "--run", "{run}"], ["already holds dit.pt", "--overwrite"],
         [copy("dit", "autoencoder.pt", "dit.pt", "log_dit.jsonl", "latents.pt")]),
     "dit --resume with other flags": Case(
-        "dit", ["--resume", "--steps", "50", "--lr", "5", "--patch", "4", "--run", "{run}"],
-        ["--lr (5.0", "--patch (4"], [copy("dit", "autoencoder.pt", "dit.pt")]),
+        "dit", ["--resume", "--steps", "50", "--lr", "5", "--patch", "2", "--run", "{run}"],
+        ["--lr (5.0", "--patch (2"], [copy("dit", "autoencoder.pt", "dit.pt")]),
     "dit diverges and stays finite (--lr 1e10)": Case(
-        "dit", ["--model", "DiT-T", "--patch", "2", "--batch-size", "8", "--steps", "20",
+        "dit", ["--model", "DiT-N", "--patch", "4", "--batch-size", "8", "--steps", "20",
                 "--lr", "1e10", "--ckpt-every", "1", "--run", "{run}"], ["diverged", "lower --lr"],
         [copy("dit", "autoencoder.pt")], watch=""),
     # sampling

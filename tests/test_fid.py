@@ -10,7 +10,7 @@ import torch
 
 import common
 import fid
-from conftest import run_script
+from conftest import run_main
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -128,7 +128,7 @@ def test_without_network_or_weights_one_sentence_says_where(tmp_path, monkeypatc
         fid.load_inception()
 
 
-def test_cli_with_weights_npz_folder_and_stats(weights_file, tmp_path):
+def test_cli_with_weights_npz_folder_and_stats(weights_file, tmp_path, capsys):
     from PIL import Image
 
     images = np.load(FIXTURES / "images_seed0.npy")
@@ -136,21 +136,20 @@ def test_cli_with_weights_npz_folder_and_stats(weights_file, tmp_path):
     (tmp_path / "folder").mkdir()
     for i, im in enumerate(images[::-1]):
         Image.fromarray(im).save(tmp_path / "folder" / f"{i}.png")
-    result = run_script(
-        "fid.py", tmp_path / "a.npz", tmp_path / "folder", "--weights", weights_file, "--is"
-    )
-    last = result.stdout.strip().splitlines()[-1]
+    with pytest.warns(UserWarning, match="fewer than 2,048"):
+        out = run_main("fid.py", tmp_path / "a.npz", tmp_path / "folder", "--weights", weights_file,
+                       "--is", capsys=capsys)
+    last = out.strip().splitlines()[-1]
     assert last.startswith("FID (Inception, pytorch-fid compatible): ")
     assert abs(float(last.split()[-1])) < 1e-3  # the same images in another order
-    assert "Inception Score" in result.stdout and "fewer than 2,048" in result.stderr
-    run_script("fid.py", tmp_path / "a.npz", tmp_path / "stats.npz", "--save-stats", "--weights",
-               weights_file)
+    assert "Inception Score" in out
+    run_main("fid.py", tmp_path / "a.npz", tmp_path / "stats.npz", "--save-stats", "--weights",
+             weights_file)
     with np.load(tmp_path / "stats.npz") as f:
         assert f["mu"].shape == (2048,) and f["sigma"].shape == (2048, 2048)
-    result = run_script(
-        "fid.py", tmp_path / "stats.npz", tmp_path / "a.npz", "--weights", weights_file
-    )
-    assert abs(float(result.stdout.strip().splitlines()[-1].split()[-1])) < 1e-3
+    out = run_main("fid.py", tmp_path / "stats.npz", tmp_path / "a.npz", "--weights", weights_file,
+                   capsys=capsys)
+    assert abs(float(out.strip().splitlines()[-1].split()[-1])) < 1e-3
 
 
 def test_classifier_features(shapes_dir):
@@ -185,13 +184,13 @@ def test_classifier_features(shapes_dir):
     )
 
 
-def test_classifier_features_of_an_image_folder_source(shapes_folder, tmp_path):
+def test_classifier_features_of_an_image_folder_source(shapes_folder, tmp_path, capsys):
     """An image folder among the sources is the classifier's dataset (no --classifier-data)."""
     folder = common.load_folder(shapes_folder, 32)
     np.savez(tmp_path / "s.npz", folder.images[::4].numpy(), folder.labels[::4].numpy())
-    result = run_script("fid.py", tmp_path / "s.npz", shapes_folder, "--features", "classifier",
-                        "--no-flip", "--classifier-steps", "5", "--data-dir", tmp_path)
-    assert "class accuracy" in result.stdout
+    out = run_main("fid.py", tmp_path / "s.npz", shapes_folder, "--features", "classifier",
+                   "--no-flip", "--classifier-steps", "5", "--data-dir", tmp_path, capsys=capsys)
+    assert "class accuracy" in out
     assert fid.classifier_path(str(shapes_folder), tmp_path, 5, False).exists()
     # the printed distance is the Frechet distance of the cached classifier's features
     cpu = torch.device("cpu")
@@ -201,7 +200,7 @@ def test_classifier_features_of_an_image_folder_source(shapes_folder, tmp_path):
     expected = fid.frechet_distance(
         *fid.statistics(features_samples), *fid.statistics(features_folder)
     )
-    assert float(result.stdout.strip().split()[-1]) == pytest.approx(expected, rel=1e-3, abs=1e-3)
+    assert float(out.strip().split()[-1]) == pytest.approx(expected, rel=1e-3, abs=1e-3)
 
 
 def test_damaged_caches_are_computed_again(shapes_dir, tmp_path, capsys):

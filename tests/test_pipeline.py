@@ -1,5 +1,5 @@
-"""End to end: the five scripts, run as a user runs them, on the shapes data with tiny settings;
-and the README's commands against the scripts' flags."""
+"""End to end: the five scripts, run as a user runs them (real command lines), on a small folder of
+shapes with tiny settings; and the README's commands against the scripts' flags."""
 
 import contextlib
 import importlib
@@ -13,18 +13,17 @@ import pytest
 import torch
 from PIL import Image
 
+import common
 from conftest import ROOT, run_script
 
 
-def test_five_stages_hand_each_file_on(shapes_dir, tmp_path):
-    run, data = tmp_path / "runs" / "shapes", ["--data-dir", shapes_dir]
+def test_five_stages_hand_each_file_on(shapes_folder, tmp_path):
+    run = tmp_path / "runs" / "shapes"
     tiny_ae = ["--channels", "16", "--batch-size", "32", "--log-every", "10"]
 
-    run_script(
-        "stage1_encoder.py", "--data", "shapes", *data, "--run", run, "--steps", "30", *tiny_ae
-    )
+    run_script("stage1_encoder.py", "--data", shapes_folder, "--run", run, "--steps", "30", *tiny_ae)
     stage1 = torch.load(run / "stage1.pt", weights_only=True)
-    assert stage1["stage"] == 1 and stage1["data"] == "shapes/train"
+    assert stage1["stage"] == 1 and stage1["data"] == str(shapes_folder)
 
     run_script("stage2_decoder.py", "--run", run, "--steps", "30", "--batch-size", "32",
                "--log-every", "10")
@@ -36,7 +35,7 @@ def test_five_stages_hand_each_file_on(shapes_dir, tmp_path):
                "20", "--batch-size", "32", "--log-every", "10")
     dit = torch.load(run / "dit.pt", weights_only=True)
     assert dit["stage"] == 3 and dit["autoencoder_path"] == str((run / "autoencoder.pt").resolve())
-    assert dit["config"]["class_names"][:2] == ["circle", "ring"]
+    assert dit["config"]["class_names"] == sorted(common.SHAPES_CLASSES)  # the folder's classes
     cache = torch.load(run / "latents.pt", weights_only=True)
     assert cache["heldout_latents"].shape[1:] == cache["latents"].shape[1:] == (4, 8, 8)
     assert 0 < dit["metrics"]["heldout_loss"] < 10
@@ -46,8 +45,8 @@ def test_five_stages_hand_each_file_on(shapes_dir, tmp_path):
     assert samples["arr_0"].shape == (40, 32, 32, 3) and samples["arr_1"].shape == (40,)
     assert Image.open(run / "samples.png").size == ((3 * 34 + 2) * 2, (10 * 34 + 2) * 2)
 
-    result = run_script("fid.py", run / "samples.npz", "shapes", *data, "--split", "test",
-                        "--features", "classifier", "--classifier-steps", "100")
+    result = run_script("fid.py", run / "samples.npz", shapes_folder, "--features", "classifier",
+                        "--classifier-steps", "20", "--data-dir", tmp_path)
     lines = result.stdout.strip().splitlines()
     assert lines[-1].startswith("classifier-feature distance (NOT the standard FID")
     assert float(lines[-1].split()[-1]) > 0

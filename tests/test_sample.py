@@ -7,7 +7,7 @@ from PIL import Image
 
 import sample
 import train_latent_dit as dit
-from conftest import copy_run, run_script
+from conftest import copy_run, run_main
 
 M, S = 0.7, 0.5
 
@@ -158,8 +158,8 @@ def test_guidance_arithmetic():
 def test_sample_script_is_repeatable_and_writes_an_fid_ready_npz(dit_run, tmp_path):
     run = copy_run(dit_run, tmp_path / "run", "autoencoder.pt", "dit.pt")
     args = ["--run", run, "--num", "13", "--batch-size", "8", "--steps", "5", "--per-class", "2"]
-    run_script("sample.py", *args, "--out", tmp_path / "a.npz")
-    run_script("sample.py", *args, "--out", tmp_path / "b.npz")
+    run_main("sample.py", *args, "--out", tmp_path / "a.npz")
+    run_main("sample.py", *args, "--out", tmp_path / "b.npz")
     a, b = np.load(tmp_path / "a.npz"), np.load(tmp_path / "b.npz")
     assert a["arr_0"].shape == (13, 32, 32, 3) and a["arr_0"].dtype == np.uint8
     assert a["arr_0"].max() > a["arr_0"].min()
@@ -167,19 +167,8 @@ def test_sample_script_is_repeatable_and_writes_an_fid_ready_npz(dit_run, tmp_pa
     assert np.array_equal(a["arr_0"], b["arr_0"])  # same seed, same images
     assert Image.open(run / "samples.png").size == ((2 * 34 + 2) * 2,
                                                     (10 * 34 + 2) * 2)  # 10 rows of 2
-    run_script(
-        "sample.py",
-        *args,
-        "--out",
-        tmp_path / "c.npz",
-        "--seed",
-        "1",
-        "--sampler",
-        "ddim",
-        "--class",
-        "circle",
-        "3"
-    )
+    run_main("sample.py", *args, "--out", tmp_path / "c.npz", "--seed", "1", "--sampler", "ddim",
+             "--class", "circle", "3")
     circle = torch.load(run / "dit.pt", weights_only=True)["config"]["class_names"].index("circle")
     c = np.load(tmp_path / "c.npz")
     assert not np.array_equal(a["arr_0"], c["arr_0"]) and set(c["arr_1"].tolist()) == {circle, 3}

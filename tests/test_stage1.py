@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 import stage1_encoder as s1
-from conftest import copy_run, run_script
+from conftest import copy_run, run_main
 
 TINY = ["--channels", "16", "--batch-size", "16", "--log-every", "10"]
 
@@ -92,8 +92,8 @@ def read_log(path):
 
 def test_short_run_lowers_loss_and_writes_a_safe_checkpoint(tmp_path, shapes_dir):
     run = tmp_path / "run"
-    run_script("stage1_encoder.py", "--data", "shapes", "--data-dir", shapes_dir, "--run", run,
-               "--steps", "80", *TINY)
+    run_main("stage1_encoder.py", "--data", "shapes", "--data-dir", shapes_dir, "--run", run,
+             "--steps", "80", *TINY)
     log = read_log(run / "log_stage1.jsonl")
     assert [r["step"] for r in log] == list(range(10, 81, 10))
     assert log[-1]["loss"] < 0.7 * log[0]["loss"]
@@ -109,9 +109,9 @@ def test_short_run_lowers_loss_and_writes_a_safe_checkpoint(tmp_path, shapes_dir
 
 def test_resume_continues_the_step_count(tmp_path, shapes_dir):
     data = ["--data", "shapes", "--data-dir", shapes_dir, *TINY]
-    run_script("stage1_encoder.py", *data, "--run", tmp_path / "a", "--steps", "30")
-    run_script("stage1_encoder.py", *data, "--run", tmp_path / "b", "--steps", "20")
-    run_script("stage1_encoder.py", *data, "--run", tmp_path / "b", "--steps", "30", "--resume")
+    run_main("stage1_encoder.py", *data, "--run", tmp_path / "a", "--steps", "30")
+    run_main("stage1_encoder.py", *data, "--run", tmp_path / "b", "--steps", "20")
+    run_main("stage1_encoder.py", *data, "--run", tmp_path / "b", "--steps", "30", "--resume")
     a = torch.load(tmp_path / "a" / "stage1.pt", weights_only=True)
     b = torch.load(tmp_path / "b" / "stage1.pt", weights_only=True)
     assert b["step"] == 30
@@ -123,18 +123,19 @@ def test_resume_continues_the_step_count(tmp_path, shapes_dir):
 
 def test_scale_equivariance_trains_and_is_logged(tmp_path, shapes_folder):
     run = tmp_path / "run"
-    run_script("stage1_encoder.py", "--data", shapes_folder, "--run", run, "--steps", "20",
-               "--scale-equivariance", "0.25", *TINY)
+    run_main("stage1_encoder.py", "--data", shapes_folder, "--run", run, "--steps", "20",
+             "--scale-equivariance", "0.25", *TINY)
     log = read_log(run / "log_stage1.jsonl")
     ckpt = torch.load(run / "stage1.pt", weights_only=True)
     assert ckpt["config"]["scale_equivariance"] == 0.25
     assert all(r["se_loss"] > 0 for r in log) and log[-1]["se_loss"] < log[0]["se_loss"]
 
 
-def test_the_run_folder_defaults_to_runs_slash_the_data_name(tmp_path, shapes_folder):
-    help_text = run_script("stage1_encoder.py", "--help").stdout
-    assert "runs/<data name>" in help_text
-    run_script("stage1_encoder.py", "--data", shapes_folder, "--steps", "2", *TINY, cwd=tmp_path)
+def test_the_run_folder_defaults_to_runs_slash_the_data_name(tmp_path, shapes_folder, capsys,
+                                                            monkeypatch):
+    assert "runs/<data name>" in run_main("stage1_encoder.py", "--help", capsys=capsys)
+    monkeypatch.chdir(tmp_path)
+    run_main("stage1_encoder.py", "--data", shapes_folder, "--steps", "2", *TINY)
     assert (tmp_path / "runs" / shapes_folder.name / "stage1.pt").is_file()
 
 

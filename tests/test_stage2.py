@@ -12,7 +12,7 @@ import common
 import stage1_encoder as s1
 import stage2_decoder as s2
 import train_latent_dit as dit
-from conftest import copy_run, run_script
+from conftest import copy_run, run_main
 
 TINY = ["--channels", "16", "--batch-size", "16", "--log-every", "10"]
 
@@ -22,17 +22,17 @@ def stage1_runs(shapes_folder, tmp_path_factory):
     """Two tiny stage-1 runs on a small folder of shapes: a weakened (DAE) and an unweakened one."""
     root = tmp_path_factory.mktemp("stage1")
     args = ["--data", shapes_folder, "--steps", "30", *TINY]
-    run_script("stage1_encoder.py", *args, "--run", root / "dae", "--aux-dropout", "0.3",
-               "--aux-width", "0.5")
-    run_script("stage1_encoder.py", *args, "--run", root / "joint", "--aux-dropout", "0",
-               "--aux-width", "1", "--scale-equivariance", "0.5")
+    run_main("stage1_encoder.py", *args, "--run", root / "dae", "--aux-dropout", "0.3",
+             "--aux-width", "0.5")
+    run_main("stage1_encoder.py", *args, "--run", root / "joint", "--aux-dropout", "0",
+             "--aux-width", "1", "--scale-equivariance", "0.5")
     return root
 
 
 def test_dae_freezes_the_encoder_and_the_decoder_learns(stage1_runs, tmp_path):
     run = copy_run(stage1_runs / "dae", tmp_path / "dae", "stage1.pt")
-    run_script("stage2_decoder.py", "--run", run, "--steps", "60", "--batch-size", "16",
-               "--log-every", "10", "--lr", "1e-3")
+    run_main("stage2_decoder.py", "--run", run, "--steps", "60", "--batch-size", "16",
+             "--log-every", "10", "--lr", "1e-3")
     before = torch.load(run / "stage1.pt", weights_only=True)
     after = torch.load(run / "autoencoder.pt", weights_only=True)
     assert after["stage"] == 2 and not after["config"]["joint"]
@@ -61,7 +61,7 @@ def test_dae_freezes_the_encoder_and_the_decoder_learns(stage1_runs, tmp_path):
 
 def test_joint_moves_the_encoder(stage1_runs, tmp_path):
     run = copy_run(stage1_runs / "joint", tmp_path / "joint", "stage1.pt")
-    run_script("stage2_decoder.py", "--run", run, "--steps", "10", "--batch-size", "16", "--joint")
+    run_main("stage2_decoder.py", "--run", run, "--steps", "10", "--batch-size", "16", "--joint")
     before = torch.load(run / "stage1.pt", weights_only=True)
     after = torch.load(run / "autoencoder.pt", weights_only=True)
     assert after["config"]["joint"] and after["config"]["scale_equivariance"] == 0.5
@@ -79,8 +79,8 @@ def test_joint_moves_the_encoder(stage1_runs, tmp_path):
 def test_gan_loss_runs_and_resume_continues(stage1_runs, tmp_path):
     run = copy_run(stage1_runs / "dae", tmp_path / "gan", "stage1.pt")
     gan = ["--gan-weight", "0.1", "--gan-start", "5", "--batch-size", "8", "--log-every", "5"]
-    run_script("stage2_decoder.py", "--run", run, "--steps", "10", *gan)
-    run_script("stage2_decoder.py", "--run", run, "--steps", "15", *gan, "--resume")
+    run_main("stage2_decoder.py", "--run", run, "--steps", "10", *gan)
+    run_main("stage2_decoder.py", "--run", run, "--steps", "15", *gan, "--resume")
     ckpt = torch.load(run / "autoencoder.pt", weights_only=True)
     assert ckpt["step"] == 15 and ckpt["discriminator"] is not None
     log = [json.loads(line) for line in (run / "log_stage2.jsonl").read_text().splitlines()]
