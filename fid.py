@@ -322,10 +322,10 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 
 def inception_score(logits, splits=10):
-    """exp(E_x KL(p(y|x) || p(y))) over `splits` parts: (mean, std)."""
+    """exp(E_x KL(p(y|x) || p(y))) over `splits` parts (fewer with fewer images): (mean, std)."""
     p = torch.from_numpy(logits).softmax(1).numpy()
     scores = []
-    for part in np.array_split(p, splits):
+    for part in np.array_split(p, min(splits, len(p))):
         marginal = part.mean(0, keepdims=True)
         kl = (part * (np.log(part + 1e-12) - np.log(marginal + 1e-12))).sum(1).mean()
         scores.append(np.exp(kl))

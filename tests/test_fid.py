@@ -101,6 +101,8 @@ def test_inception_score_extremes():
     confident = np.full((1000, 1008), -1e4)
     confident[np.arange(1000), np.arange(1000) % 10] = 0  # 10 classes, each sample certain of one
     assert fid.inception_score(confident)[0] == pytest.approx(10.0, rel=1e-6)
+    # fewer images than splits: each part still holds one (no empty part, no NaN)
+    assert fid.inception_score(confident[:8])[0] == pytest.approx(1.0)
 
 
 def test_wrong_sha256_is_refused(tmp_path, monkeypatch):
@@ -142,7 +144,7 @@ def test_cli_with_weights_npz_folder_and_stats(weights_file, tmp_path, capsys):
     last = out.strip().splitlines()[-1]
     assert last.startswith("FID (Inception, pytorch-fid compatible): ")
     assert abs(float(last.split()[-1])) < 1e-3  # the same images in another order
-    assert "Inception Score" in out
+    assert "Inception Score" in out and "nan" not in out
     run_main("fid.py", tmp_path / "a.npz", tmp_path / "stats.npz", "--save-stats", "--weights",
              weights_file)
     with np.load(tmp_path / "stats.npz") as f:
