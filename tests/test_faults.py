@@ -32,7 +32,7 @@ SCRIPTS = {"stage1": s1, "stage2": s2, "dit": dit, "sample": sample, "fid": fid}
 TINY_S1 = ["--channels", "16", "--batch-size", "8", "--steps", "3", "--log-every", "1"]
 
 
-def run_main(script, args, capsys):
+def run_as_command(script, args, capsys):
     """Run a script's main() as its command line does; returns (exit status, stderr)."""
     capsys.readouterr()
     try:
@@ -377,7 +377,7 @@ def test_every_mistake_ends_in_one_sentence(name, fixtures, tmp_path, capsys, mo
     args = [str(a).format(**paths) for a in case.args]
     watched = case.watch.format(**paths) if case.watch else None
     before = files(common.Path(watched)) if watched else None
-    code, err = run_main(case.script, args, capsys)
+    code, err = run_as_command(case.script, args, capsys)
     assert code == 1, err
     assert "Traceback" not in err
     lines = [line for line in err.splitlines() if line.strip()]
@@ -406,7 +406,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint(shapes_folder, autoencoder_ru
         open(path, "wb").write(b"partial")
         raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0")
     monkeypatch.setattr(torch, "save", full_disk)
-    code, err = run_main("stage1", ["--resume", "--steps", "22", "--run", run], capsys)
+    code, err = run_as_command("stage1", ["--resume", "--steps", "22", "--run", run], capsys)
     assert code == 1 and "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith("error: could not write")
     assert "disk may be full" in err
