@@ -29,9 +29,13 @@ from train_latent_dit import NUM_TIMESTEPS, build_dit, make_schedule
 
 def to_x0_eps(out, x_t, a_t, target):
     """The network's output at x_t -> (predicted x0, predicted eps), whichever target it learned;
-    a = alpha_bar_t. From v: x0 = sqrt(a) x_t - sqrt(1-a) v and eps = sqrt(1-a) x_t + sqrt(a) v."""
+    a = alpha_bar_t. From v: x0 = sqrt(a) x_t - sqrt(1-a) v and eps = sqrt(1-a) x_t + sqrt(a) v;
+    from x (the clean latent): eps = (x_t - sqrt(a) x0) / sqrt(1-a), x_t = sqrt(a) x0 + sqrt(1-a) eps
+    solved for eps."""
     if target == "eps":
         return (x_t - (1 - a_t) ** 0.5 * out) / a_t ** 0.5, out
+    if target == "x":
+        return out, (x_t - a_t ** 0.5 * out) / (1 - a_t) ** 0.5
     x0 = a_t ** 0.5 * x_t - (1 - a_t) ** 0.5 * out
     eps = (1 - a_t) ** 0.5 * x_t + a_t ** 0.5 * out
     return x0, eps

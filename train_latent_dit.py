@@ -43,7 +43,7 @@ WARMUP = 500            # steps of linear learning-rate warm-up
 GRAD_CLIP = 1.0
 EMA_DECAY = 0.9999
 CLASS_DROPOUT = 0.1     # labels replaced by the null label, for classifier-free guidance
-TARGET = "v"            # the DiT predicts the velocity v = sqrt(a) eps - sqrt(1 - a) x0, not eps
+TARGET = "v"            # the DiT predicts the velocity v = sqrt(a) eps - sqrt(1 - a) x0 (or eps, x0)
 MIN_SNR_GAMMA = 5.0     # min-SNR-gamma loss weighting (Hang et al. 2023; 0: plain MSE)
 T_SAMPLING = "logit-normal"   # t / T = sigmoid(N(0, 1)): the middle steps more often than the ends
 LR_SCHEDULE = "cosine"  # after the warm-up, the learning rate decays to zero at the last step
@@ -143,7 +143,7 @@ class DiTBlock(nn.Module):
         return x
 
 class FinalLayer(nn.Module):
-    """adaLN then a linear map from each token to its patch of the prediction (v or eps)."""
+    """adaLN then a linear map from each token to its patch of the prediction (v, eps or x0)."""
     def __init__(self, hidden, patch, out_channels):
         super().__init__()
         self.norm = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
@@ -156,7 +156,7 @@ class FinalLayer(nn.Module):
 
 class DiT(nn.Module):
     """(N, C, H, W) noisy latent, (N,) step, (N,) label -> (N, C, H, W) prediction of the
-    training target (the velocity v by default, or the noise eps)."""
+    training target (the velocity v by default, the noise eps, or the clean latent x0)."""
     def __init__(self, input_size=8, in_channels=4, patch=PATCH, hidden=384, depth=12, heads=6,
                  num_classes=10, attn="sdpa"):
         super().__init__()
@@ -230,18 +230,26 @@ def q_sample(x0, t, noise, alphas_cumprod):
     return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
 def training_target(x0, noise, a, target):
-    """What the network learns to output: the noise `eps` (DDPM, DiT), or the velocity
-    v = sqrt(a) eps - sqrt(1 - a) x0 (Salimans & Ho); a = alpha_bar_t, shaped to broadcast."""
-    return noise if target == "eps" else a.sqrt() * noise - (1 - a).sqrt() * x0
+    """What the network learns to output: the noise `eps` (DDPM, DiT), the velocity
+    `v` = sqrt(a) eps - sqrt(1 - a) x0 (Salimans & Ho), or the clean latent `x` = x0 itself (JiT,
+    Li & He 2025: a narrow network can output a clean latent far better than noise, which has as
+    many independent numbers as the token); a = alpha_bar_t, shaped to broadcast."""
+    if target == "eps":
+        return noise
+    return x0 if target == "x" else a.sqrt() * noise - (1 - a).sqrt() * x0
 
 def loss_weight(a, target, min_snr_gamma):
-    """Per-example weight of the MSE: 1, or min-SNR-gamma (Hang et al.): the error of the implied
-    x0 is weighted by min(SNR, gamma), SNR = a / (1 - a). An eps error is an x0 error times
-    sqrt(SNR) and a v error one times sqrt(SNR + 1), so their weights are min(SNR, gamma) / SNR
-    and min(SNR, gamma) / (SNR + 1)."""
+    """Per-example weight of the squared error of the output: 1 (plain MSE, for every target), or
+    min-SNR-gamma (Hang et al.): the error of the implied x0 is weighted by min(SNR, gamma),
+    SNR = a / (1 - a). An eps error is an x0 error times sqrt(SNR) and a v error one times
+    sqrt(SNR + 1), so their weights are min(SNR, gamma) / SNR and min(SNR, gamma) / (SNR + 1);
+    an x output is the x0 itself, weighted min(SNR, gamma). So every target minimises the same
+    loss and only what the network outputs differs."""
     if not min_snr_gamma:
         return torch.ones_like(a)
     snr = a / (1 - a)
+    if target == "x":
+        return snr.clamp(max=min_snr_gamma)
     return snr.clamp(max=min_snr_gamma) / (snr if target == "eps" else snr + 1)
 
 def weighted_error(model, x0, t, y, noise, alphas_cumprod, config):
@@ -439,7 +447,8 @@ def main(argv=None):
     p.add_argument("--grad-clip", type=float, default=GRAD_CLIP, help="gradient norm clipping")
     p.add_argument("--ema-decay", type=float, default=EMA_DECAY, help="the most the EMA's decay "
                    "reaches: it warms up as (1 + step) / (10 + step) until it gets there")
-    p.add_argument("--target", choices=["eps", "v"], default=TARGET, help="predict noise or v")
+    p.add_argument("--target", choices=["eps", "v", "x"], default=TARGET,
+                   help="what the DiT outputs: the noise eps, the velocity v, or the clean latent x")
     p.add_argument("--schedule", choices=["linear", "cosine"], default="linear",
                    help="noise schedule")
     p.add_argument("--min-snr-gamma", type=float, default=MIN_SNR_GAMMA,

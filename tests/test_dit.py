@@ -193,7 +193,7 @@ def test_two_process_gloo_run(autoencoder_run, tmp_path):
     assert len(read_log(run / "log_dit.jsonl")) == 1  # one writer: rank 0
 
 
-@pytest.mark.parametrize("target", ["eps", "v"])
+@pytest.mark.parametrize("target", ["eps", "v", "x"])
 def test_min_snr_weighting_is_the_clipped_snr_on_the_x0_error(target):
     # min-SNR-gamma: for every target, the weighted loss is min(SNR, gamma) * (x0_hat - x0)^2.
     alphas_cumprod = dit.make_schedule()
@@ -237,10 +237,10 @@ def test_timestep_sampling():
     assert logit.min() >= 0 and logit.max() <= 999
 
 
-@pytest.mark.parametrize("target", ["eps", "v"])
+@pytest.mark.parametrize("target", ["eps", "v", "x"])
 def test_fixed_step_loss_of_a_zero_predictor(target):
     # A model that always outputs zero: its squared error is the target's second moment, which for
-    # unit-variance latents is 1 at every step (eps, and v = sqrt(a) eps - sqrt(1 - a) x0), so the
+    # unit-variance latents is 1 at every step (eps, x0, and v = sqrt(a) eps - sqrt(1 - a) x0), so the
     # loss is the mean min-SNR weight over the ten fixed steps; it is also the same on every call.
     class Zero(torch.nn.Module):
         def forward(self, x, t, y):

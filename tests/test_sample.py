@@ -30,9 +30,9 @@ class GaussianOracle(torch.nn.Module):
         var = a * S**2 + 1 - a
         eps = (1 - a).sqrt() * (x - a.sqrt() * M) / var
         x0 = M + a.sqrt() * S**2 * (x - a.sqrt() * M) / var
-        return (
-            eps if self.target == "eps" else a.sqrt() * eps - (1 - a).sqrt() * x0
-        )  # v, written out again
+        if self.target == "x":
+            return x0
+        return eps if self.target == "eps" else a.sqrt() * eps - (1 - a).sqrt() * x0  # v again
 
 
 def oracle_moments(sampler, eta=0.0, steps=1000, schedule="linear", target="eps"):
@@ -52,7 +52,8 @@ def test_samplers_recover_the_gaussian(sampler, eta):
     assert abs(mean - M) < 0.01 and abs(std - S) < 0.01, (mean, std)
 
 
-TARGETS_AND_SCHEDULES = [("eps", "cosine"), ("v", "linear"), ("v", "cosine")]
+TARGETS_AND_SCHEDULES = [("eps", "cosine"), ("v", "linear"), ("v", "cosine"), ("x", "linear"),
+                         ("x", "cosine")]
 
 
 @pytest.mark.parametrize("target,schedule", TARGETS_AND_SCHEDULES)
@@ -103,13 +104,21 @@ def broken_v_sign(out, x_t, a_t, target, to_x0_eps=sample.to_x0_eps):
     return to_x0_eps(-out if target == "v" else out, x_t, a_t, target)
 
 
+def broken_x_conversion(out, x_t, a_t, target, to_x0_eps=sample.to_x0_eps):
+    """An x mistake: eps = (x_t - a x0) / sqrt(1 - a), alpha_bar where its square root belongs."""
+    if target != "x":
+        return to_x0_eps(out, x_t, a_t, target)
+    return out, (x_t - a_t * out) / (1 - a_t) ** 0.5
+
+
 @pytest.mark.parametrize(
     "name,broken,sampler,steps,target",
     [("ddim_step", broken_ddim_step, "ddim", 1000, "eps"),
      ("ddpm_step", broken_ddpm_step, "ddpm", 1000, "eps"),
      ("ddpm_step", broken_respacing_ddpm_step, "ddpm", 100, "eps"),
      ("to_x0_eps", broken_v_conversion, "ddpm", 100, "v"),
-     ("to_x0_eps", broken_v_sign, "ddim", 100, "v")],
+     ("to_x0_eps", broken_v_sign, "ddim", 100, "v"),
+     ("to_x0_eps", broken_x_conversion, "ddim", 100, "x")],
 )
 def test_a_wrong_update_rule_fails_the_same_check(
     monkeypatch, name, broken, sampler, steps, target
