@@ -31,9 +31,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (IMAGE_EXTENSIONS, Progress, UserError, atomic_save, download, file_digest,
-                    load_data, open_rgb, pick_device, run_cli, sample_batch, save_checkpoint,
-                    to_model_input)
+from data import IMAGE_EXTENSIONS, download, load_data, open_rgb, sample_batch, to_model_input
+from runs import (Progress, UserError, atomic_save, file_digest, pick_device, run_cli,
+                  save_checkpoint)
 
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
@@ -384,24 +384,22 @@ def read_file_source(path):
         raise UserError(f"{path} is not a readable npz of images or statistics "
                         f"({e.__class__.__name__})")
 
-def source_statistics(source, model, args, device):
-    """(mu, sigma, per-image logits or None, labels or None) of a source read by read_source; a
-    dataset's statistics are cached, named by the features that made them (the weights' sha256,
-    the classifier's settings)."""
+def source_statistics(source, model, device, batch_size, cache=None):
+    """(mu, sigma, per-image logits or None, labels or None) of a source read by read_source. A
+    dataset's statistics are cached at `cache` (a path named by the features that made them: the
+    weights' sha256, the classifier's settings); None: computed afresh."""
     kind, *rest = source
     if kind == "stats":
         return (*rest[0], None, None)
     images, labels, dataset = rest
-    cache = None
-    if dataset:
-        cache = Path(args.data_dir) / f"fid_stats_{dataset}_{args.split}_{args.feature_tag}.npz"
-    if cache is not None and cache.exists() and not args.is_score:
+    cache = cache if dataset else None
+    if cache is not None and cache.exists():
         try:
             with np.load(cache, allow_pickle=False) as f:
                 return f["mu"], f["sigma"], None, None
         except (ValueError, OSError, KeyError, EOFError, zipfile.BadZipFile):
             print(f"{cache} is damaged; computing the statistics again", file=sys.stderr)
-    features, logits = extract(model, images, device, args.batch_size)
+    features, logits = extract(model, images, device, batch_size)
     mu, sigma = statistics(features)
     if cache is not None:
         atomic_save(cache, lambda tmp: np.savez(tmp, mu=mu, sigma=sigma))
@@ -452,7 +450,7 @@ def main(argv=None):
     if args.features == "inception":
         model, digest = load_inception(args.weights, device)
         label = "FID (Inception, pytorch-fid compatible)"
-        args.feature_tag = f"inception-{digest}"
+        feature_tag = f"inception-{digest}"
     else:
         # the classifier learns the dataset (or image folder) that the samples are compared with
         datasets = [s for s in args.sources if s in DATASETS or Path(s).is_dir()]
@@ -462,17 +460,24 @@ def main(argv=None):
                             "a source or with --classifier-data")
         flip = not args.no_flip
         model, ckpt = load_classifier(data_name, args.data_dir, device, args.classifier_steps, flip)
-        args.feature_tag = classifier_path(data_name, "", args.classifier_steps, flip).stem
+        feature_tag = classifier_path(data_name, "", args.classifier_steps, flip).stem
         label = (f"classifier-feature distance (NOT the standard FID: features of a CNN trained on "
                  f"{data_name}, test accuracy {100 * ckpt['test_accuracy']:.1f}%)")
 
+    def cache(source):   # a dataset's cached statistics; the Inception Score needs the logits
+        name = Path(args.data_dir) / f"fid_stats_{source}_{args.split}_{feature_tag}.npz"
+        return None if args.is_score and source == args.sources[0] else name
+
     if args.save_stats:
-        mu, sigma, _, _ = source_statistics(sources[0], model, args, device)
+        mu, sigma, _, _ = source_statistics(sources[0], model, device, args.batch_size,
+                                            cache(args.sources[0]))
         atomic_save(args.sources[1], lambda tmp: np.savez(tmp, mu=mu, sigma=sigma))
         print(f"wrote the {args.features} statistics of {args.sources[0]} to {args.sources[1]}")
         return
-    mu1, sigma1, logits1, labels1 = source_statistics(sources[0], model, args, device)
-    mu2, sigma2, _, _ = source_statistics(sources[1], model, args, device)
+    mu1, sigma1, logits1, labels1 = source_statistics(sources[0], model, device, args.batch_size,
+                                                      cache(args.sources[0]))
+    mu2, sigma2, _, _ = source_statistics(sources[1], model, device, args.batch_size,
+                                          cache(args.sources[1]))
     if args.is_score and logits1 is not None and args.features == "inception":
         mean, std = inception_score(logits1)
         print(f"Inception Score of {args.sources[0]}: {mean:.3f} +- {std:.3f}")

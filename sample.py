@@ -18,8 +18,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import (UserError, atomic_save, autocast, load_checkpoint, pick_device, run_cli,
-                    save_grid, seeded_generator, to_uint8_images)
+from data import save_grid, to_uint8_images
+from runs import (UserError, atomic_save, autocast, exact_float32, load_checkpoint, pick_device,
+                  run_cli, seeded_generator)
 from stage1_encoder import Decoder, autoencoder_kwargs
 from stage2_decoder import load_autoencoder
 from train_latent_dit import NUM_TIMESTEPS, build_dit, make_schedule
@@ -30,8 +31,8 @@ from train_latent_dit import NUM_TIMESTEPS, build_dit, make_schedule
 def to_x0_eps(out, x_t, a_t, target):
     """The network's output at x_t -> (predicted x0, predicted eps), whichever target it learned;
     a = alpha_bar_t. From v: x0 = sqrt(a) x_t - sqrt(1-a) v and eps = sqrt(1-a) x_t + sqrt(a) v;
-    from x (the clean latent): eps = (x_t - sqrt(a) x0) / sqrt(1-a), x_t = sqrt(a) x0 + sqrt(1-a) eps
-    solved for eps."""
+    from x (the clean latent), x_t = sqrt(a) x0 + sqrt(1-a) eps solved for eps:
+    eps = (x_t - sqrt(a) x0) / sqrt(1-a)."""
     if target == "eps":
         return (x_t - (1 - a_t) ** 0.5 * out) / a_t ** 0.5, out
     if target == "x":
@@ -95,11 +96,15 @@ def sample_latents(model, labels, num_steps, sampler, eta, cfg_scale, generator,
     return x
 
 def decode_latents(decoder, z, latent_stats):
-    """Undo the standardisation and decode: (N, C, h, w) -> (N, H, W, 3) uint8."""
+    """Undo the standardisation and decode, in float32 like the reconstructions that fid.py
+    compares with: (N, C, h, w) -> (N, H, W, 3) uint8."""
     mean, std = (latent_stats[k].to(z.device)[None, :, None, None] for k in ("mean", "std"))
-    with autocast(z.device):
+    with exact_float32(z.device):
         return to_uint8_images(decoder(z * std + mean))
 
+
+GRID_STEPS, GRID_CFG = 25, 2.0   # the training script's first look: fast and still clear
+GRID_SAMPLER = f"{GRID_STEPS} DDIM steps, guidance {GRID_CFG}"
 
 def save_sample_grid(ema, ae, config, path, device):
     """A first look at what the DiT learned: 8 samples per class, one row per class."""
@@ -107,8 +112,9 @@ def save_sample_grid(ema, ae, config, path, device):
     decoder.load_state_dict(ae["decoder"])
     y = torch.arange(config["num_classes"], device=device).repeat_interleave(8)
     shape = (config["in_channels"], config["input_size"], config["input_size"])
-    z = sample_latents(ema, y, 25, "ddim", 0.0, 2.0, torch.Generator().manual_seed(0), shape,
-                       config["schedule"], config["target"])
+    z = sample_latents(ema, y, GRID_STEPS, "ddim", 0.0, GRID_CFG,
+                       torch.Generator().manual_seed(0), shape, config["schedule"],
+                       config["target"])
     save_grid(decode_latents(decoder, z, ae["latent_stats"]), path, nrow=8)
 
 

@@ -8,20 +8,16 @@ of limited capacity (here: dropout inside its blocks and/or fewer channels) push
 towards a latent that is easy to decode, and so easy to generate. Stage 2 (stage2_decoder.py) then
 freezes this encoder and trains the real decoder.
 
-Read from the top: the defaults, the autoencoder and its weakening, stage-1 training, main(). The
-data sources, checkpoints, logs and pictures are shared plumbing and live in common.py; the run
-folder's rules (one writer, no finished run started over by mistake) close this file, since every
-later stage imports them from here.
+Read from the top: the defaults, the autoencoder and its weakening, stage-1 training, main(), and
+the reconstruction measure (PSNR) that stage 2 uses too. The data lives in data.py; run folders,
+checkpoints, devices and the progress log in runs.py.
 
     python stage1_encoder.py --data shapes                                # -> runs/shapes/stage1.pt
     python stage1_encoder.py --run runs/joint --aux-dropout 0 --aux-width 1   # the joint baseline
     python stage1_encoder.py --data data/digits --no-flip   # digits, text: no mirror images
 """
 import argparse
-import json
-import os
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -29,10 +25,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (STAGES, Interrupted, Progress, UserError, add_training_flags, atomic_save,
-                    autocast, count_params, load_checkpoint, load_data, load_optimizer,
-                    parse_training_args, pick_device, run_cli, sample_batch, save_checkpoint,
-                    save_grid, seeded_generator, spread_indices, to_model_input, to_uint8_images)
+from data import load_data, sample_batch, save_grid, spread_indices, to_model_input, to_uint8_images
+from runs import (Interrupted, Progress, UserError, add_training_flags, atomic_save, autocast,
+                  clear_stage, count_params, exact_float32, grad_scaler, load_optimizer, open_run,
+                  parse_training_args, pick_device, precision_name, refuse_torchrun,
+                  resume_checkpoint, rng_state, run_cli, save_checkpoint, seeded_generator,
+                  set_rng_state)
 
 # -----------------------------------------------------------------------------
 # Defaults: the recommended recipe (every one is a flag of main())
@@ -49,7 +47,7 @@ AUX_WIDTH = 1.0         # stage-1 weakening: channel multiplier of the auxiliary
 # -----------------------------------------------------------------------------
 # The autoencoder (LDM-style): ResBlocks with GroupNorm + SiLU, stride-2 down, nearest-upsample up
 
-def Normalize(channels):
+def group_norm(channels):
     """GroupNorm with up to 32 groups of at least 4 channels (the largest count that divides)."""
     groups = min(32, channels // 4)
     while channels % groups:
@@ -60,9 +58,9 @@ class ResBlock(nn.Module):
     """Two 3x3 convs with GroupNorm + SiLU and a residual; dropout sits between the convs."""
     def __init__(self, in_ch, out_ch, dropout=0.0):
         super().__init__()
-        self.norm1 = Normalize(in_ch)
+        self.norm1 = group_norm(in_ch)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.norm2 = Normalize(out_ch)
+        self.norm2 = group_norm(out_ch)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.dropout = nn.Dropout(dropout)
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
@@ -86,7 +84,7 @@ class Encoder(nn.Module):
             for _ in range(num_res_blocks):
                 layers.append(ResBlock(in_ch, width))
                 in_ch = width
-        layers += [ResBlock(widths[-1], widths[-1]), Normalize(widths[-1]), nn.SiLU(),
+        layers += [ResBlock(widths[-1], widths[-1]), group_norm(widths[-1]), nn.SiLU(),
                    nn.Conv2d(widths[-1], latent_channels, 3, padding=1)]
         self.layers = nn.Sequential(*layers)
 
@@ -111,7 +109,7 @@ class Decoder(nn.Module):
             for _ in range(num_res_blocks):
                 layers.append(ResBlock(in_ch, out_ch, dropout))
                 in_ch = out_ch
-        layers += [Normalize(widths[-1]), nn.SiLU(), nn.Conv2d(widths[-1], 3, 3, padding=1)]
+        layers += [group_norm(widths[-1]), nn.SiLU(), nn.Conv2d(widths[-1], 3, 3, padding=1)]
         self.layers = nn.Sequential(*layers)
 
     def forward(self, z):
@@ -121,16 +119,6 @@ def autoencoder_kwargs(config):
     """The Encoder/Decoder constructor arguments stored in a checkpoint's config."""
     return dict(channels=config["channels"], ch_mult=tuple(config["ch_mult"]),
                 latent_channels=config["latent_channels"], num_res_blocks=config["num_res_blocks"])
-
-def rng_state():
-    """The global random states, of the CPU and of every GPU: what the dropout draws from."""
-    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    return [torch.get_rng_state(), *cuda_states]
-
-def set_rng_state(state):
-    torch.set_rng_state(state[0])
-    if len(state) > 1 and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state[1:])
 
 def reconstruction_loss(x_hat, x, kind):
     """Mean L1 (the default) or squared error between a reconstruction and its image, in float32."""
@@ -179,23 +167,25 @@ def train(args):
         aux_decoder.load_state_dict(ckpt["aux_decoder"])
         load_optimizer(optimizer, ckpt["optimizer"], device)
         step = ckpt["step"]
-        set_rng_state(ckpt["rng_state"])
+        set_rng_state(ckpt["rng_state"], device, config["seed"], step)
         print(f"resuming {ckpt_path} at step {step}", file=sys.stderr)
     else:
         clear_stage(run, stage=1)
-    print(f"stage 1 on {train_data.description}, device {device}, encoder {count_params(encoder)}, "
-          f"auxiliary decoder {count_params(aux_decoder)} (dropout {config['aux_dropout']}, "
-          f"width {config['aux_width']})", file=sys.stderr)
+    print(f"stage 1 on {train_data.description}, device {device}, {precision_name(device)}, "
+          f"encoder {count_params(encoder)}, auxiliary decoder {count_params(aux_decoder)} "
+          f"(dropout {config['aux_dropout']}, width {config['aux_width']})", file=sys.stderr)
 
     # torch.compile wraps the modules; the originals keep their plain state_dict names.
     encode = torch.compile(encoder) if args.compile else encoder
     decode = torch.compile(aux_decoder) if args.compile else aux_decoder
+    scaler = grad_scaler(device)   # float16 only; a pass-through in bf16 and float32
 
     def checkpoint(metrics, finished=False):
         save_checkpoint({"stage": 1, "config": config, "encoder": encoder.state_dict(),
                          "aux_decoder": aux_decoder.state_dict(),
                          "optimizer": optimizer.state_dict(), "step": step,
-                         "total_steps": args.steps, "finished": finished, "rng_state": rng_state(),
+                         "total_steps": args.steps, "finished": finished,
+                         "rng_state": rng_state(device),
                          "metrics": metrics, "data": train_data.description,
                          "class_names": train_data.class_names}, ckpt_path)
 
@@ -215,20 +205,22 @@ def train(args):
                     logs["se_loss"] = scale_equivariance_loss(decode, z, x, config["loss"])
                     loss = loss + config["scale_equivariance"] * logs["se_loss"]
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             step += 1
             progress.update(step, loss=loss, **logs)
             if step % args.ckpt_every == 0 and step < args.steps:
-                progress.check_finite()
+                progress.stop_if_diverged()
                 checkpoint({})
     except KeyboardInterrupt:
         raise Interrupted(ckpt_path) from None
     finally:
         progress.close()
 
-    test_psnr = evaluate_reconstruction(encoder, aux_decoder, test_data, device,
-                                        run / "stage1_recon.png")
+    with exact_float32(device):
+        test_psnr = evaluate_reconstruction(encoder, aux_decoder, test_data, device,
+                                            run / "stage1_recon.png")
     checkpoint({"test_psnr_aux": test_psnr}, finished=True)
     print(f"wrote {ckpt_path}: test PSNR with the auxiliary decoder {test_psnr:.2f} dB",
           file=sys.stderr)
@@ -261,6 +253,7 @@ def main(argv=None):
                    "anything not mirror-symmetric)")
     add_training_flags(p, STEPS, BATCH_SIZE, LR, ckpt_every=1000, checkpoint="stage1.pt")
     args = parse_training_args(p, argv, STEPS)
+    refuse_torchrun("stage1_encoder.py")
     if args.run is None:
         args.run = str(Path("runs") / Path(args.data).name)
     if not 0 <= args.scale_equivariance < float("inf"):
@@ -304,90 +297,6 @@ def evaluate_reconstruction(encoder, decoder, data, device, png_path, npz_path=N
         atomic_save(npz_path, lambda tmp: np.savez(tmp, arr_0=to_uint8_images(x_hat).numpy(),
                                                    arr_1=data.labels[idx].numpy()))
     return psnr(x_hat.clamp(-1, 1), to_model_input(images)).mean().item()
-
-
-# -----------------------------------------------------------------------------
-# Run folders, shared by every stage: one writer at a time, a finished run never started over by
-# mistake, a resumed run continued as it was configured
-
-@contextmanager
-def open_run(run, stage, resume, overwrite, lock=True):
-    """The run folder of one stage, created and locked while the stage runs. A fresh run never
-    lands on a finished one: its checkpoint (or a later stage's) asks for --resume, --overwrite."""
-    run, before = Path(run), STAGES.get(stage - 1)
-    if run.exists() and not run.is_dir():
-        raise UserError(f"--run {run} is a file, not a folder; choose another --run")
-    if before and not (run / before[0]).is_file():
-        raise UserError(f"{run / before[0]} does not exist: run {before[1]} --run {run} first")
-    if resume and overwrite:
-        raise UserError("--resume continues a run and --overwrite starts it over: pass only one")
-    try:
-        run.mkdir(parents=True, exist_ok=True)
-        if lock:   # creating the lock file also proves the folder is writable
-            take_lock(run / ".lock")
-    except OSError as e:
-        raise UserError(f"cannot write into the run folder {run} ({e.strerror}); "
-                        f"choose another --run") from None
-    try:
-        for tmp in run.glob(".*.tmp*"):   # .NAME.tmpPID: left by a killed save
-            pid = tmp.name.rsplit(".tmp", 1)[1].split(".")[0]
-            if pid.isdigit() and not process_alive(pid):
-                tmp.unlink(missing_ok=True)
-        done = [STAGES[s][0] for s in STAGES if s >= stage and (run / STAGES[s][0]).exists()]
-        if done and not resume and not overwrite:
-            raise UserError(f"{run} already holds {' and '.join(done)}: add --resume to continue, "
-                            f"choose another --run, or add --overwrite to start stage {stage} over "
-                            f"(it deletes {' and '.join(done)} and the logs and pictures that go "
-                            f"with it)")
-        yield run
-    finally:
-        if lock:
-            (run / ".lock").unlink(missing_ok=True)
-
-def take_lock(path):
-    """Create RUN/.lock holding this process's PID, atomically; take over one whose PID is gone."""
-    owner = path.read_text().strip() if path.exists() else ""
-    if owner.isdigit() and not process_alive(owner):
-        print(f"note: taking over {path}, left by a process that is gone (PID {owner})",
-              file=sys.stderr)
-        path.unlink(missing_ok=True)
-    try:
-        with open(path, "x") as f:   # "x": create the file, or fail if it exists
-            f.write(str(os.getpid()))
-    except FileExistsError:
-        raise UserError(f"another process (PID {owner or '?'}) is writing to {path.parent}: wait "
-                        f"for it or choose another --run (if none is, delete {path})") from None
-
-def process_alive(pid):
-    """Whether a process runs; assumed so where /proc cannot tell (macOS, Windows)."""
-    return not Path("/proc/self").exists() or Path(f"/proc/{pid}").exists()
-
-def clear_stage(run, stage):
-    """A fresh run, before it trains: delete what this stage and later ones wrote here before."""
-    for s in range(stage, len(STAGES) + 1):
-        for name in (STAGES[s][0], *STAGES[s][2]):
-            (Path(run) / name).unlink(missing_ok=True)
-
-def resume_checkpoint(ckpt_path, log_path, stage, args, fresh_config, flags):
-    """--resume: the stage's own checkpoint, unless finished or asked to change its configuration
-    (`flags`: config key -> flag); the log is cut back to the checkpoint's step."""
-    ckpt = load_checkpoint(ckpt_path, stage)
-    if ckpt["step"] >= args.steps:
-        raise UserError(f"{ckpt_path} is already at step {ckpt['step']}; to train longer, "
-                        f"pass a --steps above {ckpt['step']} with --resume")
-    saved = ckpt["config"]
-    changed = [f"--{flag.replace('_', '-')} ({fresh_config[key]}, the checkpoint has "
-               f"{saved.get(key)})" for key, flag in flags.items()
-               if flag in args.given and fresh_config[key] != saved.get(key)]
-    if changed:
-        raise UserError(f"--resume continues {ckpt_path} as it was configured, but "
-                        f"{'; '.join(changed)}: drop these flags, or start a new run with another "
-                        f"--run (--steps may be raised)")
-    if Path(log_path).exists():   # lines logged after the checkpoint would be repeated
-        kept = [line for line in Path(log_path).read_text().splitlines(keepends=True)
-                if line.strip() and json.loads(line)["step"] <= ckpt["step"]]
-        atomic_save(log_path, lambda tmp: Path(tmp).write_text("".join(kept)))
-    return ckpt
 
 
 if __name__ == "__main__":

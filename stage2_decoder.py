@@ -28,13 +28,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (Interrupted, Progress, UserError, add_training_flags, autocast, count_params,
-                    file_digest, load_checkpoint, load_data, load_optimizer, parse_training_args,
-                    pick_device, run_cli, sample_batch, save_checkpoint, save_grid,
-                    seeded_generator, spread_indices, to_model_input)
-from stage1_encoder import (Decoder, Encoder, autoencoder_kwargs, clear_stage,
-                            evaluate_reconstruction, open_run, reconstruction_loss,
-                            resume_checkpoint, scale_equivariance_loss)
+from data import load_data, sample_batch, save_grid, spread_indices, to_model_input
+from runs import (Interrupted, Progress, UserError, add_training_flags, autocast, clear_stage,
+                  count_params, exact_float32, file_digest, grad_scaler, load_checkpoint,
+                  load_optimizer, open_run, parse_training_args, pick_device, precision_name,
+                  refuse_torchrun, resume_checkpoint, run_cli, save_checkpoint, seeded_generator)
+from stage1_encoder import (Decoder, Encoder, autoencoder_kwargs, evaluate_reconstruction,
+                            reconstruction_loss, scale_equivariance_loss)
 
 # -----------------------------------------------------------------------------
 # Defaults: the recommended recipe (every one is a flag of main())
@@ -70,6 +70,30 @@ def adaptive_gan_weight(rec_loss, gan_loss, last_layer_weight):
     gan_grad = torch.autograd.grad(gan_loss, last_layer_weight, retain_graph=True)[0]
     return (rec_grad.norm() / (gan_grad.norm() + 1e-4)).clamp(0, 1e4).detach()
 
+class Adversary:
+    """The optional GAN of stage 2: a PatchDiscriminator, its optimizer, and the two losses."""
+    def __init__(self, weight, lr, device):
+        self.weight = weight
+        self.discriminator = PatchDiscriminator().to(device)
+        self.optimizer = torch.optim.AdamW(self.discriminator.parameters(), lr=lr, betas=(0.5, 0.9),
+                                           fused=device.type == "cuda")
+
+    def generator_loss(self, x_hat, rec_loss, last_layer_weight):
+        """The decoder's extra loss (weighted, with the adaptive balance) and its log entries."""
+        g_loss = -self.discriminator(x_hat).float().mean()
+        weight = self.weight * adaptive_gan_weight(rec_loss, g_loss, last_layer_weight)
+        return weight * g_loss, {"g_loss": g_loss, "gan_weight": weight}
+
+    def update(self, x, x_hat, device, scaler):
+        """One discriminator step on real images x and the (detached) reconstructions."""
+        with autocast(device):
+            d_loss = hinge_d_loss(self.discriminator(x).float(),
+                                  self.discriminator(x_hat.detach()).float())
+        self.optimizer.zero_grad(set_to_none=True)
+        scaler.scale(d_loss).backward()
+        scaler.step(self.optimizer)
+        return d_loss
+
 
 # -----------------------------------------------------------------------------
 # The latent the diffusion model sees: its statistics, its pictures, and its cache
@@ -83,7 +107,7 @@ def latent_statistics(encoder, data, device, num=10_000, batch_size=500):
     images = data.images[spread_indices(len(data.images), num)]
     total, total_sq, count = 0.0, 0.0, 0
     for i in tqdm(range(0, len(images), batch_size), desc="latent statistics", leave=False):
-        with autocast(device):
+        with exact_float32(device):
             z = encoder(to_model_input(images[i:i + batch_size]).to(device)).double()
         total = total + z.sum((0, 2, 3))
         total_sq = total_sq + z.pow(2).sum((0, 2, 3))
@@ -141,7 +165,7 @@ def build_latent_cache(ae, digest, cache_path, device, batch_size=500, num_heldo
     config = ae["config"]
     encoder = Encoder(**autoencoder_kwargs(config)).to(device).eval()
     encoder.load_state_dict(ae["encoder"])
-    # channels_last: about 25% faster convolutions on a CPU (the same latents up to rounding)
+    # channels_last: faster convolutions (about 25% on a CPU), the same latents up to rounding
     encoder.to(memory_format=torch.channels_last)
     mean, std = (ae["latent_stats"][k][None, :, None, None] for k in ("mean", "std"))
 
@@ -150,7 +174,7 @@ def build_latent_cache(ae, digest, cache_path, device, batch_size=500, num_heldo
         for i in tqdm(range(0, len(images), batch_size), desc=desc):
             x = to_model_input(images[i:i + batch_size]).to(device)
             x = (x.flip(3) if flip else x).contiguous(memory_format=torch.channels_last)
-            with autocast(device):
+            with exact_float32(device):   # float32 everywhere: a CPU-built cache serves a GPU
                 z = encoder(x).float().cpu()
             latents.append((z - mean) / std)
         return torch.cat(latents)
@@ -173,157 +197,163 @@ def build_latent_cache(ae, digest, cache_path, device, batch_size=500, num_heldo
 # -----------------------------------------------------------------------------
 # Training
 
-def train(args):
-    """Train the full decoder on the frozen stage-1 encoder (or, with --joint, both together);
-    write RUN/autoencoder.pt with the latent statistics, stage2_recon.png and latents.png."""
-    device = pick_device(args.device)
-    stage1_path = (Path(args.run) / "stage1.pt").resolve()
-    stage1 = load_checkpoint(stage1_path, stage=1)
-    run = Path(args.run)
-    ckpt_path = run / "autoencoder.pt"
-    log_path = run / "log_stage2.jsonl"
+def stage2_config(args, stage1, stage1_path):
+    """Stage 1's configuration plus this stage's, or, with --resume, the checkpoint's."""
     if not stage1["finished"]:
         raise UserError(f"{stage1_path} stopped at step {stage1['step']} of "
                         f"{stage1['total_steps']}: finish it first (python stage1_encoder.py "
                         f"--run {args.run} --steps {stage1['total_steps']} --resume)")
-
     config = dict(stage1["config"], stage2_lr=args.lr, stage2_batch_size=args.batch_size,
                   stage2_seed=args.seed, joint=args.joint, gan_weight=args.gan_weight,
                   gan_start=args.gan_start, stage1_steps=stage1["step"], decoder_init="aux")
     if args.fresh_decoder or config["aux_width"] != 1:   # a narrower aux decoder: other shapes
         config["decoder_init"] = "fresh"
+    ckpt = None
     if args.resume:   # the checkpoint's configuration; a typed flag may not change it
         flags = dict(stage2_lr="lr", stage2_batch_size="batch_size", stage2_seed="seed",
                      joint="joint", gan_weight="gan_weight", gan_start="gan_start",
                      decoder_init="fresh_decoder")
-        ckpt = resume_checkpoint(ckpt_path, log_path, 2, args, config, flags)
+        run = Path(args.run)
+        ckpt = resume_checkpoint(run / "autoencoder.pt", run / "log_stage2.jsonl", 2, args,
+                                 config, flags)
         config = ckpt["config"]
-    joint = config["joint"]
-    if joint and (config["aux_dropout"] != 0 or config["aux_width"] != 1):
+    if config["joint"] and (config["aux_dropout"] != 0 or config["aux_width"] != 1):
         raise UserError(f"--joint continues an unweakened stage 1, but {stage1_path} was trained "
                         f"with --aux-dropout {config['aux_dropout']} --aux-width "
                         f"{config['aux_width']}; rerun stage 1 with --aux-dropout 0 --aux-width 1")
+    return config, ckpt
+
+def compile_decoder(decoder):
+    """torch.compile the decoder but its last conv, which stays eager: the GAN's balance takes
+    two gradients at that conv's weight per step, which a compiled backward cannot give (its
+    buffers are freed after one use), and so only that one conv's backward is run for them."""
+    body, last = torch.compile(decoder.layers[:-1]), decoder.layers[-1]
+    return lambda z: last(body(z))
+
+def train(args):
+    """Train the full decoder on the frozen stage-1 encoder (or, with --joint, both together);
+    write RUN/autoencoder.pt with the latent statistics, stage2_recon.png and latents.png."""
+    device = pick_device(args.device)
+    run = Path(args.run)
+    stage1_path = (run / "stage1.pt").resolve()
+    ckpt_path = run / "autoencoder.pt"
+    stage1 = load_checkpoint(stage1_path, stage=1)
+    config, ckpt = stage2_config(args, stage1, stage1_path)
+    joint = config["joint"]
     train_data = load_data(config["data"], config["data_dir"], "train", config["image_size"])
-    test_data = load_data(config["data"], config["data_dir"], "test", config["image_size"])
 
     torch.manual_seed(config["stage2_seed"])
     encoder = Encoder(**autoencoder_kwargs(config)).to(device)
     encoder.load_state_dict(stage1["encoder"])
-    if joint:   # the baseline: the same encoder and decoder simply keep training together
-        decoder = Decoder(**autoencoder_kwargs(config)).to(device)
+    decoder = Decoder(**autoencoder_kwargs(config)).to(device)   # full strength: no dropout
+    if joint or config["decoder_init"] == "aux":   # dropout-only weakening: the same shapes
         decoder.load_state_dict(stage1["aux_decoder"])
-        params = list(encoder.parameters()) + list(decoder.parameters())
-    else:       # DAE: the encoder is frozen; a full-strength decoder (no dropout) learns
-        encoder.requires_grad_(False)
-        decoder = Decoder(**autoencoder_kwargs(config)).to(device)
-        if config["decoder_init"] == "aux":   # dropout-only weakening: start from the aux decoder
-            decoder.load_state_dict(stage1["aux_decoder"])
-        params = list(decoder.parameters())
+    # The paper's second stage: the encoder is frozen, only the decoder learns. The joint
+    # baseline instead keeps training the encoder and decoder together.
+    encoder.requires_grad_(joint)
+    params = [*encoder.parameters(), *decoder.parameters()] if joint else [*decoder.parameters()]
     optimizer = torch.optim.AdamW(params, lr=config["stage2_lr"], weight_decay=0.0,
                                   fused=device.type == "cuda")
-    if joint and not args.resume:
-        load_optimizer(optimizer, stage1["optimizer"], device)   # a true continuation of stage 1
+    if joint and ckpt is None:   # a true continuation of stage 1's optimizer
+        load_optimizer(optimizer, stage1["optimizer"], device)
         for group in optimizer.param_groups:
             group["lr"] = config["stage2_lr"]
-    use_gan = config["gan_weight"] > 0
-    discriminator = PatchDiscriminator().to(device) if use_gan else None
-    d_optimizer = None
-    if use_gan:
-        d_optimizer = torch.optim.AdamW(discriminator.parameters(), lr=config["stage2_lr"],
-                                        betas=(0.5, 0.9))
+    gan = (Adversary(config["gan_weight"], config["stage2_lr"], device)
+           if config["gan_weight"] > 0 else None)
     step = 0
-    if args.resume:
+    if ckpt is not None:
         encoder.load_state_dict(ckpt["encoder"])
         decoder.load_state_dict(ckpt["decoder"])
         load_optimizer(optimizer, ckpt["optimizer"], device)
-        if use_gan:
-            discriminator.load_state_dict(ckpt["discriminator"])
-            d_optimizer.load_state_dict(ckpt["d_optimizer"])
+        if gan:
+            gan.discriminator.load_state_dict(ckpt["discriminator"])
+            load_optimizer(gan.optimizer, ckpt["d_optimizer"], device)
         step = ckpt["step"]
         print(f"resuming {ckpt_path} at step {step}", file=sys.stderr)
     else:
         clear_stage(run, stage=2)
     encoder.train(joint)   # a frozen encoder stays in eval mode
     decoder.train()
-    gan = f", GAN weight {config['gan_weight']} from step {config['gan_start']}" if use_gan else ""
+    gan_words = f", GAN weight {gan.weight} from step {config['gan_start']}" if gan else ""
     print(f"stage 2 ({'joint baseline' if joint else 'DAE, frozen encoder'}) on "
-          f"{train_data.description}, device {device}, decoder {count_params(decoder)}{gan}",
-          file=sys.stderr)
+          f"{train_data.description}, device {device}, {precision_name(device)}, decoder "
+          f"{count_params(decoder)}{gan_words}", file=sys.stderr)
 
     encode = torch.compile(encoder) if args.compile else encoder
-    decode = torch.compile(decoder) if args.compile else decoder
+    decode = compile_decoder(decoder) if args.compile else decoder
+    scaler = grad_scaler(device)
 
     def checkpoint(metrics, stats=None):   # stats (and so a usable autoencoder.pt) once finished
         save_checkpoint({"stage": 2, "config": config, "encoder": encoder.state_dict(),
                          "decoder": decoder.state_dict(), "optimizer": optimizer.state_dict(),
-                         "discriminator": discriminator.state_dict() if use_gan else None,
-                         "d_optimizer": d_optimizer.state_dict() if use_gan else None,
+                         "discriminator": gan.discriminator.state_dict() if gan else None,
+                         "d_optimizer": gan.optimizer.state_dict() if gan else None,
                          "step": step, "latent_stats": stats, "stage1_path": str(stage1_path),
                          "metrics": metrics}, ckpt_path)
 
-    progress = Progress(log_path, args.steps, step, config["stage2_batch_size"], args.log_every,
-                        "stage 2", hint="--lr or --gan-weight" if use_gan else "--lr")
+    progress = Progress(run / "log_stage2.jsonl", args.steps, step, config["stage2_batch_size"],
+                        args.log_every, "stage 2", hint="--lr or --gan-weight" if gan else "--lr")
     try:
         while step < args.steps:
             batch_generator = seeded_generator(config["stage2_seed"], step, stream=2, num_streams=8)
             x, _ = sample_batch(train_data, config["stage2_batch_size"], batch_generator,
                                 config["flip"])
             x = x.to(device, non_blocking=True)
-            with torch.set_grad_enabled(joint), autocast(device):
-                z = encode(x)   # (N, C, h, w); under no_grad when the encoder is frozen
+            use_gan = gan is not None and step >= config["gan_start"]
             with autocast(device):
+                with torch.set_grad_enabled(joint):
+                    z = encode(x)   # (N, C, h, w); without gradients when the encoder is frozen
                 x_hat = decode(z)
                 rec_loss = reconstruction_loss(x_hat, x, config["loss"])
-            loss = rec_loss
-            logs = {}
-            if joint and config["scale_equivariance"]:   # the encoder still learns: keep its term
-                with autocast(device):
+                loss, logs = rec_loss, {}
+                if joint and config["scale_equivariance"]:   # the encoder learns: keep its term
                     logs["se_loss"] = scale_equivariance_loss(decode, z, x, config["loss"])
-                loss = loss + config["scale_equivariance"] * logs["se_loss"]
-            if use_gan and step >= config["gan_start"]:
-                with autocast(device):
-                    g_loss = -discriminator(x_hat).float().mean()
-                last_layer = decoder.layers[-1].weight
-                weight = config["gan_weight"] * adaptive_gan_weight(rec_loss, g_loss, last_layer)
-                loss = loss + weight * g_loss
-                logs.update(g_loss=g_loss, gan_weight=weight)
+                    loss = loss + config["scale_equivariance"] * logs["se_loss"]
+                if use_gan:
+                    g_loss, gan_logs = gan.generator_loss(x_hat, rec_loss,
+                                                          decoder.layers[-1].weight)
+                    loss = loss + g_loss
+                    logs.update(gan_logs)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if use_gan and step >= config["gan_start"]:
-                with autocast(device):
-                    d_loss = hinge_d_loss(discriminator(x).float(),
-                                          discriminator(x_hat.detach()).float())
-                d_optimizer.zero_grad(set_to_none=True)
-                d_loss.backward()
-                d_optimizer.step()
-                logs["d_loss"] = d_loss
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            if use_gan:
+                logs["d_loss"] = gan.update(x, x_hat, device, scaler)
+            scaler.update()
             step += 1
             progress.update(step, loss=loss, rec_loss=rec_loss, **logs)
             if step % args.ckpt_every == 0 and step < args.steps:
-                progress.check_finite()
+                progress.stop_if_diverged()
                 checkpoint({})
     except KeyboardInterrupt:
         raise Interrupted(ckpt_path) from None
     finally:
         progress.close()
+    stats, metrics = measure_latent(encoder, decoder, train_data, config, device, run)
+    metrics["stage1_test_psnr_aux"] = stage1["metrics"]["test_psnr_aux"]
+    checkpoint(metrics, stats)
+    print(f"wrote {ckpt_path}: test PSNR {metrics['test_psnr']:.2f} dB, latent std per channel "
+          f"{[round(v, 3) for v in stats['std'].tolist()]}, high-frequency share of the latent "
+          f"{metrics['latent_high_freq']:.3f} (picture: {run / 'latents.png'})", file=sys.stderr)
 
+def measure_latent(encoder, decoder, train_data, config, device, run):
+    """The finished autoencoder, measured: the latent statistics the DiT standardises with, the
+    test PSNR (with stage2_recon.png and reconstructions.npz), latents.png and the latent's
+    high-frequency share."""
     stats = latent_statistics(encoder, train_data, device)
     finite = all(torch.isfinite(stats[k]).all() for k in ("mean", "std"))
     if not finite or not stats["std"].min() > 0:
-        raise UserError(f"the latents of {stage1_path} are not finite or constant (std "
-                        f"{stats['std'].tolist()}): train stage 1 again with a lower --lr; "
-                        f"{ckpt_path} was not written")
-    test_psnr = evaluate_reconstruction(encoder, decoder, test_data, device,
-                                        run / "stage2_recon.png", run / "reconstructions.npz")
-    images, z = standardised_latents(encoder, test_data, stats, device)
+        raise UserError(f"the latents of {(run / 'stage1.pt').resolve()} are not finite or "
+                        f"constant (std {stats['std'].tolist()}): train stage 1 again with a "
+                        f"lower --lr; "
+                        f"{run / 'autoencoder.pt'} was not written")
+    test_data = load_data(config["data"], config["data_dir"], "test", config["image_size"])
+    with exact_float32(device):
+        test_psnr = evaluate_reconstruction(encoder, decoder, test_data, device,
+                                            run / "stage2_recon.png", run / "reconstructions.npz")
+        images, z = standardised_latents(encoder, test_data, stats, device)
     show_latents(images, z, run / "latents.png")
-    metrics = {"test_psnr": test_psnr, "stage1_test_psnr_aux": stage1["metrics"]["test_psnr_aux"],
-               "latent_high_freq": high_frequency_share(z)}
-    checkpoint(metrics, stats)
-    print(f"wrote {ckpt_path}: test PSNR {test_psnr:.2f} dB, latent std per channel "
-          f"{[round(v, 3) for v in stats['std'].tolist()]}, high-frequency share of the latent "
-          f"{metrics['latent_high_freq']:.3f} (picture: {run / 'latents.png'})", file=sys.stderr)
+    return stats, {"test_psnr": test_psnr, "latent_high_freq": high_frequency_share(z)}
 
 def load_autoencoder(path):
     """A finished autoencoder.pt (with its latent statistics) and its sha256, which ties a DiT
@@ -349,6 +379,7 @@ def main(argv=None):
                    help="step at which the adversarial loss starts")
     add_training_flags(p, STEPS, BATCH_SIZE, LR, ckpt_every=1000, checkpoint="autoencoder.pt")
     args = parse_training_args(p, argv, STEPS)
+    refuse_torchrun("stage2_decoder.py")
     if not 0 <= args.gan_weight < float("inf") or args.gan_start < 0:
         raise UserError("--gan-weight must be a finite number >= 0 and --gan-start >= 0")
     with open_run(args.run, 2, args.resume, args.overwrite):

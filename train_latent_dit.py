@@ -26,10 +26,10 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (Interrupted, Progress, UserError, add_training_flags, autocast, count_params,
-                    load_optimizer, parse_training_args, pick_device, run_cli, save_checkpoint,
-                    seeded_generator)
-from stage1_encoder import clear_stage, open_run, resume_checkpoint
+from runs import (Interrupted, Progress, UserError, add_training_flags, autocast, clear_stage,
+                  count_params, grad_scaler, load_optimizer, open_run, parse_training_args,
+                  pick_device, precision_name, resume_checkpoint, run_cli, save_checkpoint,
+                  seeded_generator)
 from stage2_decoder import build_latent_cache, load_autoencoder
 
 # -----------------------------------------------------------------------------
@@ -43,7 +43,7 @@ WARMUP = 500            # steps of linear learning-rate warm-up
 GRAD_CLIP = 1.0
 EMA_DECAY = 0.9999
 CLASS_DROPOUT = 0.1     # labels replaced by the null label, for classifier-free guidance
-TARGET = "v"            # the DiT predicts the velocity v = sqrt(a) eps - sqrt(1 - a) x0 (or eps, x0)
+TARGET = "v"            # the DiT predicts v = sqrt(a) eps - sqrt(1 - a) x0 (or eps, or x0 itself)
 MIN_SNR_GAMMA = 5.0     # min-SNR-gamma loss weighting (Hang et al. 2023; 0: plain MSE)
 T_SAMPLING = "logit-normal"   # t / T = sigmoid(N(0, 1)): the middle steps more often than the ends
 LR_SCHEDULE = "cosine"  # after the warm-up, the learning rate decays to zero at the last step
@@ -305,23 +305,22 @@ def lr_at(step, config, total_steps):
     return config["lr"] * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 def setup_distributed(device_name):
-    """(rank, world_size): torchrun sets RANK and WORLD_SIZE; a plain `python` run is 0 of 1."""
+    """(rank, world_size, device): torchrun sets RANK and WORLD_SIZE and starts one process per
+    GPU; a plain `python` run is process 0 of 1. Only process 0 (`is_main`) writes files."""
     if "RANK" not in os.environ:
-        return 0, 1
+        return 0, 1, pick_device(device_name)
     cuda = torch.cuda.is_available() and device_name != "cpu"
     dist.init_process_group("nccl" if cuda else "gloo")
     if cuda:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    return dist.get_rank(), dist.get_world_size()
+    device = pick_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    return dist.get_rank(), dist.get_world_size(), device
 
-def train(args):
-    """Encode (once) and cache the latents, train the DiT on them with an EMA copy; write
-    RUN/dit.pt with the held-out loss, and dit_samples.png."""
-    run = Path(args.run)
-    ae_path = (run / "autoencoder.pt").resolve()
-    ckpt_path = run / "dit.pt"
-    log_path = run / "log_dit.jsonl"
-    ae, ae_digest = load_autoencoder(ae_path)
+def dit_config(args, ae, ae_path, ae_digest):
+    """The DiT's configuration from the flags and the autoencoder, or, with --resume, the
+    checkpoint's (and the checkpoint)."""
     latent_size = ae["config"]["image_size"] // 2 ** (len(ae["config"]["ch_mult"]) - 1)
     config = dict(model=args.model, patch=args.patch, input_size=latent_size,
                   in_channels=ae["config"]["latent_channels"], attn=args.attn, lr=args.lr,
@@ -330,30 +329,45 @@ def train(args):
                   target=args.target, schedule=args.schedule, min_snr_gamma=args.min_snr_gamma,
                   t_sampling=args.t_sampling, lr_schedule=args.lr_schedule,
                   autoencoder_path=str(ae_path))
+    ckpt = None
     if args.resume:   # the checkpoint's configuration; a typed flag may not change it
-        ckpt = resume_checkpoint(ckpt_path, log_path, 3, args, config, {k: k for k in config})
+        run = Path(args.run)
+        ckpt = resume_checkpoint(run / "dit.pt", run / "log_dit.jsonl", 3, args, config,
+                                 {k: k for k in config})
         config = ckpt["config"]
         if ckpt["autoencoder_sha256"] != ae_digest:
-            raise UserError(f"{ae_path} is not the autoencoder {ckpt_path} was trained on (its "
-                            f"sha256 differs): resuming would train on another latent space; "
-                            f"start a new run instead")
+            raise UserError(f"{ae_path} is not the autoencoder {run / 'dit.pt'} was trained on "
+                            f"(its sha256 differs): resuming would train on another latent "
+                            f"space; start a new run instead")
     size = config["input_size"]
     if config["patch"] < 1 or size % config["patch"]:
         raise UserError(f"--patch {config['patch']} does not divide the {size}x{size} latent")
-    rank, world = setup_distributed(args.device)
-    device = pick_device(args.device)
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", torch.cuda.current_device())
-    cache_path = run / "latents.pt"
-    cache = build_latent_cache(ae, ae_digest, cache_path, device) if rank == 0 else None
-    if world > 1:
-        dist.barrier()   # rank 0 has written the cache; the other ranks read it
-        cache = cache or build_latent_cache(ae, ae_digest, cache_path, device)
-    config.update(num_classes=len(cache["class_names"]), class_names=cache["class_names"])
+    return config, ckpt
+
+def train(args):
+    """Encode (once) and cache the latents, train the DiT on them with an EMA copy; write
+    RUN/dit.pt with the held-out loss, and dit_samples.png."""
+    run = Path(args.run)
+    ae_path = (run / "autoencoder.pt").resolve()
+    ckpt_path = run / "dit.pt"
+    ae, ae_digest = load_autoencoder(ae_path)
+    config, ckpt = dit_config(args, ae, ae_path, ae_digest)
+
+    # Distributed data parallel: each process trains on its own shard of the latents with its
+    # own random stream; DDP averages the gradients; process 0 alone writes files.
+    rank, world, device = setup_distributed(args.device)
+    is_main = rank == 0
     if config["batch_size"] % world:
         raise UserError(f"--batch-size {config['batch_size']} is not divisible by the {world} "
                         f"processes")
     local_batch = config["batch_size"] // world
+    cache = build_latent_cache(ae, ae_digest, run / "latents.pt", device) if is_main else None
+    if world > 1:
+        dist.barrier()   # process 0 has written the cache; the others read it
+        cache = cache or build_latent_cache(ae, ae_digest, run / "latents.pt", device)
+    config.update(num_classes=len(cache["class_names"]), class_names=cache["class_names"])
+    latents = cache["latents"][rank::world].to(device)
+    labels = cache["labels"][rank::world].to(device)
 
     torch.manual_seed(config["seed"])
     model = build_dit(config).to(device)
@@ -361,24 +375,27 @@ def train(args):
     optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=0.0,
                                   fused=device.type == "cuda")
     step = 0
-    if args.resume:
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         load_optimizer(optimizer, ckpt["optimizer"], device)
         step = ckpt["step"]
-    elif rank == 0:
+    elif is_main:
         clear_stage(run, stage=3)
-    if rank == 0:
-        resuming = f", resuming at step {step}" if step else ""
-        print(f"{config['model']}/{config['patch']}: {count_params(model)}, "
-              f"{(size // config['patch']) ** 2} tokens, {len(cache['latents'])} cached latents, "
-              f"device {device}, {world} process(es){resuming}", file=sys.stderr)
-
-    latents = cache["latents"][rank::world].to(device)   # each rank trains on its own shard
-    labels = cache["labels"][rank::world].to(device)
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     net = torch.compile(net) if args.compile else net
+    scaler = grad_scaler(device)   # float16 only; a pass-through in bf16 and float32
     alphas_cumprod = make_schedule(config["schedule"]).to(device)
+    progress = None
+    if is_main:
+        resuming = f", resuming at step {step}" if step else ""
+        print(f"{config['model']}/{config['patch']}: {count_params(model)}, "
+              f"{(config['input_size'] // config['patch']) ** 2} tokens, "
+              f"{len(cache['latents'])} cached latents, "
+              f"device {device}, {precision_name(device)}, {world} process(es){resuming}",
+              file=sys.stderr)
+        progress = Progress(run / "log_dit.jsonl", args.steps, step, config["batch_size"],
+                            args.log_every, "DiT")
 
     def checkpoint(metrics):
         save_checkpoint({"stage": 3, "config": config, "model": model.state_dict(),
@@ -387,9 +404,6 @@ def train(args):
                          "autoencoder_path": str(ae_path), "autoencoder_sha256": ae_digest,
                          "metrics": metrics}, ckpt_path)
 
-    progress = None
-    if rank == 0:
-        progress = Progress(log_path, args.steps, step, config["batch_size"], args.log_every, "DiT")
     model.train()
     try:
         while step < args.steps:
@@ -405,33 +419,35 @@ def train(args):
                 group["lr"] = lr_at(step, config, args.steps)
             loss = weighted_error(net, x0, t, y.to(device), noise, alphas_cumprod, config).mean()
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)   # clip the true gradients, not the scaled ones
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             # EMA warm-up: a short run's average does not start from (and stay near) the random
             # init; --ema-decay caps it (0.999 is reached after about 9,000 steps).
             update_ema(ema, model, min(config["ema_decay"], (1 + step) / (10 + step)))
             step += 1
-            if rank == 0:
+            if is_main:
                 progress.update(step, loss=loss, grad_norm=grad_norm)
                 if step % args.ckpt_every == 0 and step < args.steps:
-                    progress.check_finite()
+                    progress.stop_if_diverged()
                     checkpoint({})
     except KeyboardInterrupt:
         raise Interrupted(ckpt_path) from None
     finally:
-        if rank == 0:
+        if progress:
             progress.close()
-    if rank == 0:
+    if is_main:
         ema.eval()
         heldout = fixed_step_loss(ema, cache["heldout_latents"], cache["heldout_labels"], config,
                                   device)
-        progress.check_finite(heldout, "the held-out loss of the EMA weights")
+        progress.stop_if_diverged(heldout, "the held-out loss of the EMA weights")
         checkpoint({"final_loss": loss.item(), "heldout_loss": heldout})
-        from sample import save_sample_grid   # sample.py imports this file: import it late
+        from sample import GRID_SAMPLER, save_sample_grid   # sample.py imports this file: late
         save_sample_grid(ema, ae, config, run / "dit_samples.png", device)
-        print(f"wrote {ckpt_path} and {run / 'dit_samples.png'} (25 DDIM steps, guidance 2); "
-              f"held-out loss (EMA, fixed steps and noise) {heldout:.4f}", file=sys.stderr)
+        print(f"wrote {ckpt_path} and {run / 'dit_samples.png'} ({GRID_SAMPLER}); held-out loss "
+              f"(EMA, fixed steps and noise) {heldout:.4f}", file=sys.stderr)
     if world > 1:
         dist.destroy_process_group()
 
@@ -448,7 +464,7 @@ def main(argv=None):
     p.add_argument("--ema-decay", type=float, default=EMA_DECAY, help="the most the EMA's decay "
                    "reaches: it warms up as (1 + step) / (10 + step) until it gets there")
     p.add_argument("--target", choices=["eps", "v", "x"], default=TARGET,
-                   help="what the DiT outputs: the noise eps, the velocity v, or the clean latent x")
+                   help="what the DiT outputs: the noise eps, the velocity v or the clean latent x")
     p.add_argument("--schedule", choices=["linear", "cosine"], default="linear",
                    help="noise schedule")
     p.add_argument("--min-snr-gamma", type=float, default=MIN_SNR_GAMMA,

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import UserError, autocast, pick_device, run_cli   # noqa: E402
+from runs import UserError, autocast, pick_device, run_cli   # noqa: E402
 from train_latent_dit import DIT_SIZES, build_dit               # noqa: E402
 
 def dit_flops_per_image(config):

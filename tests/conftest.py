@@ -43,10 +43,10 @@ def run_main(script, *args, capsys=None):
 @pytest.fixture(scope="session")
 def shapes_dir(tmp_path_factory):
     """A data folder holding the cached shapes dataset (built once: about 6 s)."""
-    import common
+    import data
 
     data_dir = tmp_path_factory.mktemp("data")
-    common.load_shapes(data_dir, "train")
+    data.load_shapes(data_dir, "train")
     return data_dir
 
 
@@ -54,12 +54,12 @@ def shapes_dir(tmp_path_factory):
 def shapes_folder(tmp_path_factory):
     """A small folder of shapes (20 PNGs in each of 10 class sub-folders): fast test data."""
     from PIL import Image
-    import common
+    import data
 
     folder = tmp_path_factory.mktemp("shapes_folder")
-    images, labels = common.make_shapes(200, seed=3)
+    images, labels = data.make_shapes(200, seed=3)
     for i, (image, label) in enumerate(zip(images, labels)):
-        path = folder / common.SHAPES_CLASSES[label] / f"{i:04d}.png"
+        path = folder / data.SHAPES_CLASSES[label] / f"{i:04d}.png"
         path.parent.mkdir(exist_ok=True)
         Image.fromarray(image).save(path)
     return folder

@@ -8,7 +8,6 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 import benchmark_dit
@@ -88,9 +87,7 @@ def test_q_sample_closed_form():
     xt = dit.q_sample(x0, t, noise, alphas_cumprod)
     a = expected_abar.float()[:, None, None, None]
     torch.testing.assert_close(xt, a.sqrt() * x0 + (1 - a).sqrt() * noise)
-    assert (
-        0.99 < alphas_cumprod[0] and alphas_cumprod[-1] < 1e-4
-    )  # almost clean .. almost pure noise
+    assert 0.99 < alphas_cumprod[0] and alphas_cumprod[-1] < 1e-4   # almost clean .. pure noise
 
 
 def test_label_dropout_rate():
@@ -111,24 +108,27 @@ def test_ema_arithmetic():
     assert ema.weight.item() == 3.0
 
 
-def test_loss_falls_on_tiny_random_latents():
+@pytest.mark.parametrize("target,factor", [("eps", 0.4), ("v", 0.85), ("x", 0.4)])
+def test_the_training_loss_falls_on_tiny_random_latents(target, factor):
+    # The project's own loss (weighted_error, min-SNR weighting) for every target, on one fixed
+    # batch of steps and noise before and after 120 steps (measured: 0.20, 0.76, 0.15 of where it
+    # started; v learns these latents slowest).
     torch.manual_seed(0)
     net = small_dit()
-    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
-    latents = torch.randn(
-        10, 4, 8, 8
-    )  # one fixed latent per class: the model can learn to denoise it
+    optimizer = torch.optim.AdamW(net.parameters(), lr=3e-3)
+    latents = torch.randn(10, 4, 8, 8)   # one fixed latent per class: the model can learn it
     alphas_cumprod = dit.make_schedule()
-    losses = []
-    for step in range(80):
-        y = torch.randint(0, 10, (32,))
-        t, noise = torch.randint(0, 1000, (32,)), torch.randn(32, 4, 8, 8)
-        loss = F.mse_loss(net(dit.q_sample(latents[y], t, noise, alphas_cumprod), t, y), noise)
+    config = {"target": target, "min_snr_gamma": 5.0}
+    loss = lambda y, t, noise: dit.weighted_error(net, latents[y], t, y, noise, alphas_cumprod,
+                                                  config).mean()
+    fixed = torch.arange(10).repeat(20), torch.randint(0, 1000, (200,)), torch.randn(200, 4, 8, 8)
+    before = loss(*fixed).item()
+    for step in range(120):
+        batch = torch.randint(0, 10, (32,)), torch.randint(0, 1000, (32,)), torch.randn(32, 4, 8, 8)
         optimizer.zero_grad()
-        loss.backward()
+        loss(*batch).backward()
         optimizer.step()
-        losses.append(loss.item())
-    assert sum(losses[-10:]) / 10 < 0.6 * sum(losses[:10]) / 10
+    assert loss(*fixed).item() < factor * before, (loss(*fixed).item(), before)
 
 
 @pytest.mark.parametrize("model,patch", [("DiT-S", 2), ("DiT-T", 4), ("DiT-N", 1)])
@@ -168,9 +168,8 @@ def test_train_resume_reproduces_the_loss_curve(autoencoder_run, tmp_path):
     cache = torch.load(a / "latents.pt", weights_only=True)
     n = len(cache["labels"]) // 2
     assert cache["latents"].shape == (2 * n, 4, 8, 8)  # the images and their flips
-    assert (
-        abs(cache["latents"].mean().item()) < 0.1 and abs(cache["latents"].std().item() - 1) < 0.1
-    )
+    latents = cache["latents"]
+    assert abs(latents.mean().item()) < 0.1 and abs(latents.std().item() - 1) < 0.1
     # eight samples per class, one row for each of the folder's ten classes, shown at 2x
     assert Image.open(a / "dit_samples.png").size == ((8 * 34 + 2) * 2, (10 * 34 + 2) * 2)
 
@@ -215,10 +214,8 @@ def test_lr_schedule():
     lrs = [dit.lr_at(step, config, 110) for step in range(110)]
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)  # linear warm-up
     assert lrs[10] == pytest.approx(1e-3) and lrs[60] == pytest.approx(5e-4)  # half way down: half
-    assert (
-        lrs[109] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 99 / 100)))
-        and lrs[109] < 1e-6
-    )
+    assert lrs[109] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 99 / 100)))
+    assert lrs[109] < 1e-6
     assert all(x >= y for x, y in zip(lrs[10:], lrs[11:]))  # never rises again
     assert dit.lr_at(60, dict(config, lr_schedule="constant"), 110) == 1e-3
 
@@ -227,11 +224,8 @@ def test_timestep_sampling():
     g = torch.Generator().manual_seed(0)
     uniform = dit.sample_timesteps(100_000, "uniform", g).float()
     logit = dit.sample_timesteps(100_000, "logit-normal", g).float()
-    assert (
-        uniform.min() == 0
-        and uniform.max() == 999
-        and abs((uniform < 100).float().mean() - 0.1) < 0.005
-    )
+    assert uniform.min() == 0 and uniform.max() == 999
+    assert abs((uniform < 100).float().mean() - 0.1) < 0.005
     # t / T = sigmoid(u), u ~ N(0, 1): median at the middle, P(t < 100) = P(u < logit(0.1)) = 1.4%
     assert abs(logit.median() - 500) < 5 and abs((logit < 100).float().mean() - 0.0139) < 0.002
     assert logit.min() >= 0 and logit.max() <= 999
@@ -240,16 +234,15 @@ def test_timestep_sampling():
 @pytest.mark.parametrize("target", ["eps", "v", "x"])
 def test_fixed_step_loss_of_a_zero_predictor(target):
     # A model that always outputs zero: its squared error is the target's second moment, which for
-    # unit-variance latents is 1 at every step (eps, x0, and v = sqrt(a) eps - sqrt(1 - a) x0), so the
+    # unit-variance latents is 1 at every step (eps, x0, v = sqrt(a) eps - sqrt(1 - a) x0), so the
     # loss is the mean min-SNR weight over the ten fixed steps; it is also the same on every call.
     class Zero(torch.nn.Module):
         def forward(self, x, t, y):
             return torch.zeros_like(x)
 
     config = {"schedule": "linear", "target": target, "min_snr_gamma": 5.0}
-    latents, labels = torch.randn(
-        2000, 4, 8, 8, generator=torch.Generator().manual_seed(1)
-    ), torch.zeros(2000, dtype=torch.long)
+    latents = torch.randn(2000, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    labels = torch.zeros(2000, dtype=torch.long)
     a = dit.make_schedule()[torch.arange(50, 1000, 100)].float()
     expected = dit.loss_weight(a, target, 5.0).mean().item()
     loss = dit.fixed_step_loss(Zero(), latents, labels, config, torch.device("cpu"))

@@ -15,12 +15,15 @@ import sys
 import tarfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-import common
+import data
+import runs
 import fid
 import sample
 import stage1_encoder as s1
@@ -36,7 +39,7 @@ def run_as_command(script, args, capsys):
     """Run a script's main() as its command line does; returns (exit status, stderr)."""
     capsys.readouterr()
     try:
-        common.run_cli(lambda: SCRIPTS[script].main([str(a) for a in args]))
+        runs.run_cli(lambda: SCRIPTS[script].main([str(a) for a in args]))
         code = 0
     except SystemExit as e:
         code = e.code
@@ -58,11 +61,11 @@ def copy(run_name, *names):
     return lambda tmp, fx: copy_run(fx[run_name], tmp / "run", *names)
 
 
-def write(path, data):
+def write(path, contents):
     """Write bytes or text to tmp/path."""
     def setup(tmp, fx):
         (tmp / path).parent.mkdir(parents=True, exist_ok=True)
-        (tmp / path).write_bytes(data if isinstance(data, bytes) else data.encode())
+        (tmp / path).write_bytes(contents if isinstance(contents, bytes) else contents.encode())
     return setup
 
 
@@ -101,7 +104,7 @@ def npz(path, **arrays):
 def read_only_folders(tmp, fx):
     def refuse(*args):   # the first file a stage creates in its run folder is the lock
         raise OSError(errno.EROFS, "Read-only file system")
-    fx["monkeypatch"].setattr(s1, "take_lock", refuse)
+    fx["monkeypatch"].setattr(runs, "take_lock", refuse)
 
 
 def live_lock(tmp, fx):
@@ -114,7 +117,7 @@ def image(path, array, mode=None):
     """An image file at tmp/path (its folder created)."""
     def setup(tmp, fx):
         (tmp / path).parent.mkdir(parents=True, exist_ok=True)
-        common.Image.fromarray(array, mode).save(tmp / path)
+        Image.fromarray(array, mode).save(tmp / path)
     return setup
 
 
@@ -137,7 +140,7 @@ def crafted_cifar(tmp, fx):
             info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
             info.size = len(blob)
             tar.addfile(info, io.BytesIO(blob))
-    fx["monkeypatch"].setattr(common, "CIFAR_MD5", hashlib.md5(archive.read_bytes()).hexdigest())
+    fx["monkeypatch"].setattr(data, "CIFAR_MD5", hashlib.md5(archive.read_bytes()).hexdigest())
 
 
 @dataclass
@@ -376,7 +379,7 @@ def test_every_mistake_ends_in_one_sentence(name, fixtures, tmp_path, capsys, mo
                  data=fixtures["data"])
     args = [str(a).format(**paths) for a in case.args]
     watched = case.watch.format(**paths) if case.watch else None
-    before = files(common.Path(watched)) if watched else None
+    before = files(Path(watched)) if watched else None
     code, err = run_as_command(case.script, args, capsys)
     assert code == 1, err
     assert "Traceback" not in err
@@ -386,7 +389,7 @@ def test_every_mistake_ends_in_one_sentence(name, fixtures, tmp_path, capsys, mo
     for word in case.words:
         assert word in lines[-1], lines[-1]
     if watched:
-        assert files(common.Path(watched)) == before, "the run folder changed"
+        assert files(Path(watched)) == before, "the run folder changed"
     diverged = "diverges" in name
     diverged_ckpts = [p for p in tmp_path.rglob("*.pt") if p.name in ("stage1.pt", "dit.pt")]
     for ckpt in diverged_ckpts if diverged else []:   # only finite weights were kept

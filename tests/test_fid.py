@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-import common
+import data
+import runs
 import fid
 from conftest import run_main
 
@@ -64,7 +65,7 @@ def test_network_has_exactly_the_names_and_shapes_of_the_weights_file():
 def test_features_match_pytorch_fid(weights_file):
     with pytest.warns(UserWarning, match="not the official"):
         model, digest = fid.load_inception(weights_file)
-    assert digest == common.file_digest(weights_file, "sha256")[:8]
+    assert digest == runs.file_digest(weights_file, "sha256")[:8]
     images = np.load(FIXTURES / "images_seed0.npy")
     features, logits = fid.extract(model, images, torch.device("cpu"))
     expected = np.load(FIXTURES / "features_seed0_images0.npy")
@@ -112,13 +113,13 @@ def test_wrong_sha256_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(fid, "FID_WEIGHTS_URL",
                         bad.as_uri().replace("mirror.pth", "pt_inception-2015-12-05-6726825d.pth"))
     (tmp_path / "pt_inception-2015-12-05-6726825d.pth").write_bytes(b"not the weights")
-    with pytest.raises(common.UserError, match="wrong sha256"):
+    with pytest.raises(runs.UserError, match="wrong sha256"):
         fid.load_inception()  # a corrupt download is refused and not kept
     cached = tmp_path / "hub" / "checkpoints" / "pt_inception-2015-12-05-6726825d.pth"
     assert not cached.exists()
     cached.parent.mkdir(parents=True, exist_ok=True)
     cached.write_bytes(b"a corrupt cached file")
-    with pytest.raises(common.UserError, match="wrong sha256"):
+    with pytest.raises(runs.UserError, match="wrong sha256"):
         fid.load_inception()
 
 
@@ -126,7 +127,7 @@ def test_without_network_or_weights_one_sentence_says_where(tmp_path, monkeypatc
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     monkeypatch.setattr(fid, "FID_WEIGHTS_URL",
                         (tmp_path / "offline" / "pt_inception-2015-12-05-6726825d.pth").as_uri())
-    with pytest.raises(common.UserError, match="put it at .*pt_inception-2015-12-05-6726825d.pth"):
+    with pytest.raises(runs.UserError, match="put it at .*pt_inception-2015-12-05-6726825d.pth"):
         fid.load_inception()
 
 
@@ -159,8 +160,8 @@ def test_classifier_features(shapes_dir):
         "shapes", shapes_dir, torch.device("cpu"), steps=300, batch_size=64
     )
     assert ckpt["test_accuracy"] > 0.9
-    test = common.load_data("shapes", shapes_dir, "test")
-    train = common.load_data("shapes", shapes_dir, "train")
+    test = data.load_data("shapes", shapes_dir, "test")
+    train = data.load_data("shapes", shapes_dir, "train")
     images = test.images[:2000].numpy()
     corrupted = np.clip(
         images.astype(np.int16) + np.random.default_rng(0).integers(-60, 61, images.shape), 0, 255
@@ -188,7 +189,7 @@ def test_classifier_features(shapes_dir):
 
 def test_classifier_features_of_an_image_folder_source(shapes_folder, tmp_path, capsys):
     """An image folder among the sources is the classifier's dataset (no --classifier-data)."""
-    folder = common.load_folder(shapes_folder, 32)
+    folder = data.load_folder(shapes_folder, 32)
     np.savez(tmp_path / "s.npz", folder.images[::4].numpy(), folder.labels[::4].numpy())
     out = run_main("fid.py", tmp_path / "s.npz", shapes_folder, "--features", "classifier",
                    "--no-flip", "--classifier-steps", "5", "--data-dir", tmp_path, capsys=capsys)
@@ -206,21 +207,15 @@ def test_classifier_features_of_an_image_folder_source(shapes_folder, tmp_path, 
 
 
 def test_damaged_caches_are_computed_again(shapes_dir, tmp_path, capsys):
-    import argparse
-
     class Tiny(torch.nn.Module):  # features: the first five pixel values
         def forward(self, x):
             return x.flatten(1)[:, :5], x.flatten(1)[:, :5]
 
-    args = argparse.Namespace(
-        data_dir=str(tmp_path), split="train", feature_tag="tiny", is_score=False, batch_size=10
-    )
     images = np.random.default_rng(0).integers(0, 256, (20, 32, 32, 3), dtype=np.uint8)
     cache = tmp_path / "fid_stats_shapes_train_tiny.npz"
     cache.write_bytes(b"damaged")
-    mu, sigma, _, _ = fid.source_statistics(
-        ("images", images, None, "shapes"), Tiny(), args, torch.device("cpu")
-    )
+    mu, sigma, _, _ = fid.source_statistics(("images", images, None, "shapes"), Tiny(),
+                                            torch.device("cpu"), 10, cache)
     assert "damaged" in capsys.readouterr().err
     with np.load(cache) as f:
         assert np.array_equal(f["mu"], mu) and np.array_equal(f["sigma"], sigma)

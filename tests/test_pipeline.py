@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-import common
+import data
 from conftest import ROOT, run_script
 
 
@@ -35,7 +35,7 @@ def test_five_stages_hand_each_file_on(shapes_folder, tmp_path):
                "20", "--batch-size", "32", "--log-every", "10")
     dit = torch.load(run / "dit.pt", weights_only=True)
     assert dit["stage"] == 3 and dit["autoencoder_path"] == str((run / "autoencoder.pt").resolve())
-    assert dit["config"]["class_names"] == sorted(common.SHAPES_CLASSES)  # the folder's classes
+    assert dit["config"]["class_names"] == sorted(data.SHAPES_CLASSES)  # the folder's classes
     cache = torch.load(run / "latents.pt", weights_only=True)
     assert cache["heldout_latents"].shape[1:] == cache["latents"].shape[1:] == (4, 8, 8)
     assert 0 < dit["metrics"]["heldout_loss"] < 10

@@ -8,7 +8,7 @@ import torch
 import numpy as np
 from PIL import Image
 
-import common
+import data
 import stage1_encoder as s1
 import stage2_decoder as s2
 import train_latent_dit as dit
@@ -36,9 +36,7 @@ def test_dae_freezes_the_encoder_and_the_decoder_learns(stage1_runs, tmp_path):
     before = torch.load(run / "stage1.pt", weights_only=True)
     after = torch.load(run / "autoencoder.pt", weights_only=True)
     assert after["stage"] == 2 and not after["config"]["joint"]
-    assert (
-        after["config"]["decoder_init"] == "fresh"
-    )  # --aux-width 0.5: other shapes, a fresh decoder
+    assert after["config"]["decoder_init"] == "fresh"   # --aux-width 0.5: other shapes
     assert before["encoder"].keys() == after["encoder"].keys()
     for name, value in before["encoder"].items():
         assert torch.equal(value, after["encoder"][name]), name  # bit for bit
@@ -97,15 +95,15 @@ def test_hinge_and_latent_statistics():
             return torch.cat([3.0 * c + 2 * x[:, :1] for c in range(2)], 1)
 
     images = torch.randint(0, 256, (64, 8, 8, 3), dtype=torch.uint8)
-    data = common.ImageData(images, torch.zeros(64, dtype=torch.long), ["a"], "toy")
-    stats = s2.latent_statistics(Affine(), data, torch.device("cpu"), batch_size=10)
-    x = common.to_model_input(images)[:, 0]
+    dataset = data.ImageData(images, torch.zeros(64, dtype=torch.long), ["a"], "toy")
+    stats = s2.latent_statistics(Affine(), dataset, torch.device("cpu"), batch_size=10)
+    x = data.to_model_input(images)[:, 0]
     torch.testing.assert_close(
         stats["mean"], torch.tensor([0.0, 3.0]) + 2 * x.mean(), rtol=1e-5, atol=1e-5
     )
     torch.testing.assert_close(stats["std"], (2 * x.double().std(unbiased=False)).float().repeat(2))
     # images 0, 3, 7, .., 63: first to last, so every class of a class-sorted folder
-    spread = s2.latent_statistics(Affine(), data, torch.device("cpu"), num=20, batch_size=10)
+    spread = s2.latent_statistics(Affine(), dataset, torch.device("cpu"), num=20, batch_size=10)
     picked = [round(i * 63 / 19) for i in range(20)]
     torch.testing.assert_close(
         spread["mean"], torch.tensor([0.0, 3.0]) + 2 * x[picked].mean(), rtol=1e-5, atol=1e-5
@@ -158,11 +156,11 @@ def test_without_flips_no_batch_and_no_cached_latent_is_mirrored(
     shapes_folder, tmp_path, monkeypatch
 ):
     seen = []
-    real = common.sample_batch
+    real = data.sample_batch
 
-    def spy(data, batch_size, generator, flip):
+    def spy(dataset, batch_size, generator, flip):
         seen.append(flip)
-        return real(data, batch_size, generator, flip)
+        return real(dataset, batch_size, generator, flip)
 
     monkeypatch.setattr(s1, "sample_batch", spy)
     monkeypatch.setattr(s2, "sample_batch", spy)
@@ -174,9 +172,9 @@ def test_without_flips_no_batch_and_no_cached_latent_is_mirrored(
         ["--run", str(run), "--model", "DiT-T", "--patch", "2", "--batch-size", "8", "--steps", "3"]
     )
     cache = torch.load(run / "latents.pt", weights_only=True)
-    data = common.load_data(str(shapes_folder))
-    assert cache["flip"] is False and len(cache["latents"]) == len(data.images)  # no mirrors
+    dataset = data.load_data(str(shapes_folder))
+    assert cache["flip"] is False and len(cache["latents"]) == len(dataset.images)  # no mirrors
     x = torch.arange(2 * 4 * 4 * 3, dtype=torch.uint8).reshape(2, 4, 4, 3)
-    toy = common.ImageData(x, torch.zeros(2, dtype=torch.long), ["a"], "toy")
+    toy = data.ImageData(x, torch.zeros(2, dtype=torch.long), ["a"], "toy")
     batch, _ = real(toy, 64, torch.Generator().manual_seed(0), flip=False)
-    assert all(any(torch.equal(b, o) for o in common.to_model_input(x)) for b in batch)
+    assert all(any(torch.equal(b, o) for o in data.to_model_input(x)) for b in batch)

@@ -1,22 +1,16 @@
 """
-The plumbing every stage shares, so that each stage script holds only its own idea. A toolbox, top
-to bottom: errors and the command line; the data sources (`cifar10`, the offline `shapes`, a folder
-of images); devices; checkpoints; the progress bar and its log; pictures. The run folder's rules
-(one writer, no finished run started over) close stage1_encoder.py.
+The data every stage shares: uint8 images (N, H, W, 3) in memory, scaled to [-1, 1] only when
+batched. Read from the top: CIFAR-10 (downloaded once, md5-checked, read by a safe unpickler), the
+offline `shapes` set, folders of images, batches, pictures.
 """
-import argparse
-import hashlib
-import json
 import os
 import pickle
 import sys
 import tarfile
-import time
 import urllib.error
 import urllib.request
 import zipfile
 from collections import namedtuple
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -24,79 +18,7 @@ import torch
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
-# -----------------------------------------------------------------------------
-# Errors and the command line
-
-class UserError(Exception):
-    """A mistake the user can fix, or a fault: printed as one sentence, with a non-zero exit."""
-    exit_code = 1
-
-class Interrupted(UserError):
-    """Ctrl-C during training: say where the last checkpoint is and how to continue (exit 130)."""
-    exit_code = 130
-
-    def __init__(self, ckpt_path):
-        how = (f"; the last checkpoint is {ckpt_path}: add --resume to the same command (without "
-               f"--overwrite) to continue" if Path(ckpt_path).is_file()
-               else " before the first checkpoint; run the same command to start again")
-        super().__init__("stopped by Ctrl-C" + how)
-
-def run_cli(main, memory_flags="--batch-size"):
-    """Run main(): a UserError, a file-system fault, out of memory or Ctrl-C end in one line."""
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        print("error: stopped by Ctrl-C; nothing half-written was left behind", file=sys.stderr)
-        sys.exit(130)
-    except OSError as e:   # disk full, read-only folder, a folder where a file should be, ...
-        print(f"error: {e.strerror or e} ({e.filename}); check the path, free space and "
-              f"permissions", file=sys.stderr)
-        sys.exit(1)
-    except (MemoryError, RuntimeError) as e:   # torch.OutOfMemoryError is a RuntimeError
-        words = ("out of memory", "can't allocate", "allocate memory")
-        if not isinstance(e, MemoryError) and not any(w in str(e) for w in words):
-            raise
-        where = "on the GPU" if "CUDA" in str(e) else "in main memory"
-        print(f"error: out of memory {where}; lower {memory_flags}", file=sys.stderr)
-        sys.exit(1)
-
-def add_training_flags(p, steps, batch_size, lr, ckpt_every, checkpoint):
-    """The flags every training stage shares."""
-    p.add_argument("--steps", type=int, default=steps, help="total training steps")
-    p.add_argument("--batch-size", type=int, default=batch_size, help="images per step")
-    p.add_argument("--lr", type=float, default=lr, help="peak AdamW learning rate")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to run")
-    p.add_argument("--compile", action="store_true", help="torch.compile the networks")
-    p.add_argument("--resume", action="store_true", help=f"continue RUN/{checkpoint} to --steps")
-    p.add_argument("--overwrite", action="store_true", help=f"start over in a run folder that has "
-                   f"{checkpoint}: delete it, its log and pictures and the later stages' files")
-    p.add_argument("--log-every", type=int, default=50, help="steps between log lines")
-    p.add_argument("--ckpt-every", type=int, default=ckpt_every, help="steps between checkpoints")
-
-def parse_training_args(parser, argv, gpu_steps):
-    """Parse argv (`args.given`: the flags typed, which a resumed run checks against its
-    checkpoint); refuse impossible values of the shared flags before any expensive work."""
-    unset = object()   # argparse leaves a preset attribute alone unless its flag is typed
-    typed = parser.parse_args(argv, argparse.Namespace(**{a.dest: unset for a in parser._actions}))
-    args = parser.parse_args(argv)
-    args.given = {dest for dest, value in vars(typed).items() if value is not unset}
-    for flag in ("steps", "batch_size", "log_every", "ckpt_every"):
-        value = getattr(args, flag)
-        if value < 1:
-            raise UserError(f"--{flag.replace('_', '-')} must be a positive integer, not {value}")
-    if not 0 < args.lr < float("inf"):
-        raise UserError(f"--lr must be a positive number, not {args.lr}")
-    if not 0 <= args.seed < 2 ** 32:   # every random stream's seed then fits in 64 bits
-        raise UserError(f"--seed must be an integer from 0 to {2 ** 32 - 1}, not {args.seed}")
-    if args.steps == gpu_steps and not torch.cuda.is_available():
-        print(f"note: --steps {gpu_steps} is the GPU recipe; without a GPU it takes hours (the "
-              f"bar shows how many): the README's CPU quick start uses far fewer", file=sys.stderr)
-    return args
-
+from runs import UserError, atomic_save, file_digest
 
 # -----------------------------------------------------------------------------
 # Data: uint8 images (N, H, W, 3) in memory, scaled to [-1, 1] only when batched
@@ -108,13 +30,6 @@ IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".
 
 # A dataset in memory: images (N, H, W, 3) uint8, labels (N,) int64, class names, a description.
 ImageData = namedtuple("ImageData", "images labels class_names description")
-
-def file_digest(path, algorithm):
-    h = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 def download(url, path, expected_digest, algorithm="md5"):
     """Download url to path through a temp file; refuse a wrong digest (or prefix of one)."""
@@ -328,147 +243,6 @@ def sample_batch(data, batch_size, generator, flip):
 def spread_indices(n, num):
     """min(num, n) indices evenly spread from first to last (a folder is sorted by class)."""
     return torch.linspace(0, n - 1, min(num, n)).round().long()
-
-def seeded_generator(seed, index, stream=0, num_streams=1):
-    """A generator of its own for draw `index` (a step, a batch) of a run seeded `seed`: a resumed
-    run repeats its numbers exactly; `stream` (< num_streams) keeps sequences apart."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + index) * num_streams + stream)
-
-
-# -----------------------------------------------------------------------------
-# Devices
-
-def pick_device(name):
-    """`auto` takes the GPU when there is one; on CUDA, float32 matmuls and convs may use TF32."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for, but PyTorch sees no CUDA GPU; "
-                        "use --device cpu")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    return device
-
-def autocast(device):
-    """bf16 autocast on CUDA, plain float32 on the CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
-def count_params(model):
-    return f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params"
-
-
-# -----------------------------------------------------------------------------
-# Checkpoints (what each stage writes into the run folder)
-
-CHECKPOINT_FORMAT = 2   # raised whenever a checkpoint's contents change; older files are refused
-# Per stage: its checkpoint, its script, and the other files it leaves in the run folder.
-STAGES = {1: ("stage1.pt", "stage1_encoder.py", ("log_stage1.jsonl", "stage1_recon.png")),
-          2: ("autoencoder.pt", "stage2_decoder.py",
-              ("log_stage2.jsonl", "stage2_recon.png", "latents.png", "reconstructions.npz")),
-          3: ("dit.pt", "train_latent_dit.py",   # samples.*: written by sample.py from dit.pt
-              ("log_dit.jsonl", "dit_samples.png", "samples.png", "samples.npz"))}
-
-def atomic_save(path, write):
-    """write(temp path) in the same folder, then rename: a crash never leaves half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:   # torch.save reports a full disk as a RuntimeError
-        why = e.strerror if isinstance(e, OSError) and e.strerror else "the disk may be full"
-        raise UserError(f"could not write {path} ({why}); free some space or choose a writable "
-                        f"folder (any earlier {path.name} is untouched)") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-
-def save_checkpoint(obj, path):
-    atomic_save(path, lambda tmp: torch.save({**obj, "format": CHECKPOINT_FORMAT}, tmp))
-
-def load_checkpoint(path, stage):
-    """Load a checkpoint safely (weights_only); check its stage, format and finite weights."""
-    path = Path(path)
-    name, script = STAGES[stage][:2]
-    if not path.is_file():
-        raise UserError(f"{path} does not exist: run {script} first (it writes {name})")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"{path} is not a checkpoint this project can read "
-                        f"({e.__class__.__name__})")
-    got = ckpt.get("stage") if isinstance(ckpt, dict) else None
-    if got != stage:
-        raise UserError(f"{path} is {f'a stage-{got}' if got else 'not a'} checkpoint of this "
-                        f"project, but a stage-{stage} one ({name}, written by {script}) is needed")
-    if ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"{path} was written by an older version of this project; "
-                        f"train it again with {script}")
-    for key, value in ckpt.items():   # weights and latent statistics: dicts of tensors
-        if isinstance(value, dict) and not all(torch.isfinite(v).all() for v in value.values()
-                                               if torch.is_tensor(v) and v.is_floating_point()):
-            raise UserError(f"{path} holds NaN or infinite values in '{key}' (its training "
-                            f"diverged); train it again with a lower --lr")
-    return ckpt
-
-def load_optimizer(optimizer, state, device):
-    """Load a saved optimizer state; `fused` follows this run's device, not the saved one."""
-    optimizer.load_state_dict(state)
-    for group in optimizer.param_groups:
-        group["fused"] = device.type == "cuda"
-
-
-# -----------------------------------------------------------------------------
-# Progress: a tqdm bar and the JSONL log
-
-class Progress:
-    """A tqdm bar plus the JSONL log: metrics are averaged over each window of `log_every` steps.
-    It stops a run whose loss is not finite, or 1,000 times its running median (a divergence)."""
-    def __init__(self, log_path, total, initial, images_per_step, log_every, desc, hint="--lr"):
-        self.log_path = log_path
-        self.images_per_step = images_per_step
-        self.log_every = log_every
-        self.hint = hint   # the flag to lower when training diverges
-        self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
-        self.step = initial
-        self.sums, self.count, self.t0 = {}, 0, time.time()   # the window since the last log line
-        self.losses = []   # the first step's loss and every logged window's: the running median
-
-    def update(self, step, **metrics):
-        """Record one finished step; write a log line every log_every steps and at the last one."""
-        for k, v in metrics.items():   # tensors stay on their device until a log line: no sync
-            self.sums[k] = self.sums.get(k, 0.0) + (v.detach().float() if torch.is_tensor(v) else v)
-        self.count += 1
-        self.step = step
-        self.bar.update(1)
-        if not self.losses:
-            self.losses.append(abs(float(self.sums["loss"])))
-        last = step % self.log_every == 0 or step == self.bar.total
-        if last or self.sums["loss"].device.type == "cpu":
-            self.check_finite()   # every step on the CPU (free), at each log line on a GPU
-        if last:
-            seconds = time.time() - self.t0
-            record = {"step": step, **{k: float(v) / self.count for k, v in self.sums.items()},
-                      "images_per_s": self.count * self.images_per_step / seconds}
-            with open(self.log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            self.bar.set_postfix(loss=f"{record['loss']:.4f}",
-                                 img_s=f"{record['images_per_s']:.0f}")
-            self.losses.append(abs(record["loss"]))
-            self.sums, self.count, self.t0 = {}, 0, time.time()
-
-    def check_finite(self, loss=None, what="the loss"):
-        """Stop before a checkpoint stores broken weights: at a loss (this window's, or `loss`)
-        that is NaN, infinite or over 1,000 times the running median of the losses so far."""
-        if loss is None and self.count:
-            loss = float(self.sums["loss"]) / self.count
-        if loss is not None and not abs(loss) <= 1000 * max(np.median(self.losses), 1e-6):
-            raise UserError(f"{what} became {loss:.4g} by step {self.step}: training diverged; "
-                            f"try a lower {self.hint} (no checkpoint was written after it)")
-
-    def close(self):
-        self.bar.close()
 
 
 # -----------------------------------------------------------------------------
