@@ -103,12 +103,13 @@ def test_bf16_autocast_in_every_stage_is_close_to_float32(shapes_folder, float32
     monkeypatch.setattr(runs, "precision", lambda device: torch.bfloat16)
     run_pipeline(shapes_folder, tmp_path)
     assert "bf16 autocast" in capsys.readouterr().err
-    # The first step's loss is computed from the same initial weights and batch; bf16 keeps 8
-    # bits of mantissa (0.4% per rounding) and the CPU runs even GroupNorm in bf16, so after a
-    # dozen layers the loss may move by a few parts in a thousand (measured: at most 0.3%).
+    # The first step's loss comes from the same initial weights and batch. bf16 keeps 8 bits of
+    # mantissa (0.4% per rounding) and the CPU runs even GroupNorm in bf16, but the roundings
+    # average out over a batch's pixels: measured 0.007%, 0.06% and 0.002% for the three stages.
+    # 1% leaves room for other CPUs' kernels and still catches wrong weights or a wrong loss.
     for log in ("log_stage1.jsonl", "log_stage2.jsonl", "log_dit.jsonl"):
         bf16, fp32 = losses(tmp_path / log)[0], losses(float32_run / log)[0]
-        assert bf16 == pytest.approx(fp32, rel=0.02), log
+        assert bf16 == pytest.approx(fp32, rel=0.01), log
         assert bf16 != fp32   # autocast really ran in bf16
 
 
