@@ -20,6 +20,7 @@ latent is (latents.png and its high-frequency share).
     python stage2_decoder.py --run runs/joint --joint   # joint: a stage 1 run with no weakening
 """
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -29,10 +30,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import load_data, sample_batch, save_grid, spread_indices, to_model_input
-from runs import (Interrupted, Progress, UserError, add_training_flags, autocast, clear_stage,
-                  count_params, exact_float32, file_digest, grad_scaler, load_checkpoint,
-                  load_optimizer, open_run, parse_training_args, pick_device, precision_name,
-                  refuse_torchrun, resume_checkpoint, run_cli, save_checkpoint, seeded_generator)
+from runs import (Interrupted, Progress, UserError, add_training_flags, atomic_save, autocast,
+                  clear_stage, count_params, exact_float32, file_digest, grad_scaler,
+                  load_checkpoint, load_optimizer, open_run, parse_training_args, pick_device,
+                  precision_name, refuse_torchrun, resume_checkpoint, run_cli, save_checkpoint,
+                  seeded_generator)
 from stage1_encoder import (Decoder, Encoder, autoencoder_kwargs, evaluate_reconstruction,
                             reconstruction_loss, scale_equivariance_loss)
 
@@ -355,6 +357,61 @@ def measure_latent(encoder, decoder, train_data, config, device, run):
     show_latents(images, z, run / "latents.png")
     return stats, {"test_psnr": test_psnr, "latent_high_freq": high_frequency_share(z)}
 
+# -----------------------------------------------------------------------------
+# The paper's own measure of a latent: how well a decoder of limited capacity maps it onto the data
+
+def probe(args):
+    """Train a weakened decoder (--probe-width, --probe-dropout) from scratch on the frozen stage-1
+    encoder and measure its test PSNR: a latent is close to the data, in the paper's sense, when a
+    generator of limited capacity can map it there. Writes RUN/probe_w<W>_d<P>.json, its log and
+    its picture; autoencoder.pt, if any, is left alone."""
+    device = pick_device(args.device)
+    run = Path(args.run)
+    stage1 = load_checkpoint(run / "stage1.pt", stage=1)
+    if not stage1["finished"]:
+        raise UserError(f"{run / 'stage1.pt'} stopped at step {stage1['step']}: finish stage 1 "
+                        f"first (python stage1_encoder.py --run {run} --resume)")
+    config = stage1["config"]
+    train_data = load_data(config["data"], config["data_dir"], "train", config["image_size"])
+    torch.manual_seed(args.seed)
+    encoder = Encoder(**autoencoder_kwargs(config)).to(device).eval().requires_grad_(False)
+    encoder.load_state_dict(stage1["encoder"])
+    decoder = Decoder(**autoencoder_kwargs(config), width=args.probe_width,
+                      dropout=args.probe_dropout).to(device).train()
+    optimizer = torch.optim.AdamW(decoder.parameters(), lr=args.lr, weight_decay=0.0,
+                                  fused=device.type == "cuda")
+    scaler = grad_scaler(device)
+    name = f"probe_w{args.probe_width:g}_d{args.probe_dropout:g}"
+    print(f"probe of {run / 'stage1.pt'}: a fresh decoder of width {args.probe_width:g} and "
+          f"dropout {args.probe_dropout:g} ({count_params(decoder)}), device {device}, "
+          f"{precision_name(device)}", file=sys.stderr)
+    (run / f"log_{name}.jsonl").unlink(missing_ok=True)
+    progress = Progress(run / f"log_{name}.jsonl", args.steps, 0, args.batch_size,
+                        args.log_every, "probe")
+    for step in range(args.steps):
+        batch_generator = seeded_generator(args.seed, step, stream=3, num_streams=8)
+        x, _ = sample_batch(train_data, args.batch_size, batch_generator, config["flip"])
+        x = x.to(device, non_blocking=True)
+        with autocast(device):
+            with torch.no_grad():
+                z = encoder(x)                                            # (N, C, h, w)
+            loss = reconstruction_loss(decoder(z), x, config["loss"])
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        progress.update(step + 1, loss=loss)
+    progress.close()
+    test_data = load_data(config["data"], config["data_dir"], "test", config["image_size"])
+    with exact_float32(device):
+        test_psnr = evaluate_reconstruction(encoder, decoder, test_data, device,
+                                            run / f"{name}_recon.png")
+    result = dict(test_psnr=test_psnr, width=args.probe_width, dropout=args.probe_dropout,
+                  steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    atomic_save(run / f"{name}.json", lambda tmp: Path(tmp).write_text(json.dumps(result) + "\n"))
+    print(f"wrote {run / name}.json: test PSNR of the weak decoder {test_psnr:.2f} dB",
+          file=sys.stderr)
+
 def load_autoencoder(path):
     """A finished autoencoder.pt (with its latent statistics) and its sha256, which ties a DiT
     to it."""
@@ -377,11 +434,25 @@ def main(argv=None):
                    help="weight of the PatchGAN hinge loss (0: off)")
     p.add_argument("--gan-start", type=int, default=GAN_START,
                    help="step at which the adversarial loss starts")
+    p.add_argument("--probe-width", type=float, help="instead of training autoencoder.pt: the "
+                   "paper's measure of the latent, the test PSNR of a fresh decoder this wide "
+                   "(e.g. 0.25) trained for --steps on the frozen encoder")
+    p.add_argument("--probe-dropout", type=float, default=0.0,
+                   help="dropout inside the --probe-width decoder")
     add_training_flags(p, STEPS, BATCH_SIZE, LR, ckpt_every=1000, checkpoint="autoencoder.pt")
     args = parse_training_args(p, argv, STEPS)
     refuse_torchrun("stage2_decoder.py")
     if not 0 <= args.gan_weight < float("inf") or args.gan_start < 0:
         raise UserError("--gan-weight must be a finite number >= 0 and --gan-start >= 0")
+    if args.probe_width is not None:
+        if not 0 < args.probe_width <= 1 or not 0 <= args.probe_dropout < 1:
+            raise UserError("--probe-width must be in (0, 1] and --probe-dropout in [0, 1)")
+        if args.resume or args.overwrite or args.joint or args.gan_weight or args.compile:
+            raise UserError("--probe-width trains a throwaway decoder: --resume, --overwrite, "
+                            "--joint, --gan-weight and --compile do not apply to it")
+        # resume=True: the probe writes only its own files, so a finished autoencoder.pt is fine
+        with open_run(args.run, 2, resume=True, overwrite=False):
+            return probe(args)
     with open_run(args.run, 2, args.resume, args.overwrite):
         train(args)
 

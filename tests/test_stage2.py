@@ -86,6 +86,22 @@ def test_gan_loss_runs_and_resume_continues(stage1_runs, tmp_path):
     assert "d_loss" in log[-1] and "d_loss" not in log[0]
 
 
+def test_the_weak_decoder_probe_leaves_the_autoencoder_alone(autoencoder_run, tmp_path):
+    # The paper's measure: a fresh decoder of width 0.25 on the frozen encoder; more steps, a
+    # higher test PSNR; autoencoder.pt untouched.
+    run = copy_run(autoencoder_run, tmp_path / "run", "stage1.pt", "autoencoder.pt")
+    before = (run / "autoencoder.pt").read_bytes()
+    probe = ["--probe-width", "0.25", "--batch-size", "16"]
+    run_main("stage2_decoder.py", "--run", run, *probe, "--steps", "1")
+    one_step = json.loads((run / "probe_w0.25_d0.json").read_text())["test_psnr"]
+    run_main("stage2_decoder.py", "--run", run, *probe, "--steps", "40")
+    result = json.loads((run / "probe_w0.25_d0.json").read_text())
+    assert result["steps"] == 40 and result["test_psnr"] > one_step + 1, (result, one_step)
+    assert len((run / "log_probe_w0.25_d0.jsonl").read_text().splitlines()) == 1   # its own log
+    assert (run / "autoencoder.pt").read_bytes() == before
+    assert Image.open(run / "probe_w0.25_d0_recon.png").size[0] > 0
+
+
 def test_hinge_and_latent_statistics():
     assert s2.hinge_d_loss(torch.full((4,), 2.0), torch.full((4,), -2.0)).item() == 0.0
     assert s2.hinge_d_loss(torch.zeros(4), torch.zeros(4)).item() == 2.0
