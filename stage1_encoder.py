@@ -252,8 +252,8 @@ def main(argv=None):
                    help="no random horizontal flips, here and in every later stage (digits, text, "
                    "anything not mirror-symmetric)")
     add_training_flags(p, STEPS, BATCH_SIZE, LR, ckpt_every=1000, checkpoint="stage1.pt")
-    args = parse_training_args(p, argv, STEPS)
     refuse_torchrun("stage1_encoder.py")
+    args = parse_training_args(p, argv, STEPS)
     if args.run is None:
         args.run = str(Path("runs") / Path(args.data).name)
     if not 0 <= args.scale_equivariance < float("inf"):

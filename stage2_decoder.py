@@ -440,8 +440,8 @@ def main(argv=None):
     p.add_argument("--probe-dropout", type=float, default=0.0,
                    help="dropout inside the --probe-width decoder")
     add_training_flags(p, STEPS, BATCH_SIZE, LR, ckpt_every=1000, checkpoint="autoencoder.pt")
-    args = parse_training_args(p, argv, STEPS)
     refuse_torchrun("stage2_decoder.py")
+    args = parse_training_args(p, argv, STEPS)
     if not 0 <= args.gan_weight < float("inf") or args.gan_start < 0:
         raise UserError("--gan-weight must be a finite number >= 0 and --gan-start >= 0")
     if args.probe_width is not None:

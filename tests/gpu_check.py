@@ -33,9 +33,10 @@ STAGES = {"stage1": (stage1_encoder, 600, stage1_encoder.STEPS, stage1_encoder.B
           "dit": (train_latent_dit, 1500, train_latent_dit.STEPS, train_latent_dit.BATCH_SIZE, 250)}
 
 
-def measure(name, argv, log_path, log_every):
+def measure(name, argv, log_path, log_every, cuda):
     """Run one stage's main() in this process: its log windows, wall time and peak memory."""
-    torch.cuda.reset_peak_memory_stats()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
     STAGES[name][0].main(argv)
     seconds = time.time() - t0
@@ -43,10 +44,10 @@ def measure(name, argv, log_path, log_every):
     steady = log[-1]["images_per_s"]               # the last window: compiled and warm
     batch = STAGES[name][3]
     ms_step = 1000 * batch / steady
-    first_window = log_every * batch / log[0]["images_per_s"]
+    first_window = log_every * batch / log[0]["images_per_s"]   # includes the compile
     return {"ms_step": ms_step, "images_s": steady, "seconds": seconds,
             "compile_s": first_window - log_every * ms_step / 1000,
-            "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else float("nan"),
             "loss": (log[0]["loss"], log[-1]["loss"])}
 
 
@@ -55,27 +56,33 @@ def main(argv=None):
     p.add_argument("--steps-scale", type=float, default=1.0, help="multiply every stage's steps")
     p.add_argument("--data-dir", default=str(ROOT / "data"), help="where shapes is built")
     p.add_argument("--run", help="run folder (default: a temporary one)")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                   help="cpu: a smoke run of this script (with --steps-scale 0.02)")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
         raise UserError("gpu_check.py measures the GPU recipe: PyTorch sees no CUDA GPU here")
     run = Path(args.run or tempfile.mkdtemp(prefix="gpu_check_"))
-    device = torch.device("cuda")
-    print(f"{torch.cuda.get_device_name()}, {precision_name(device)}, torch {torch.__version__}, "
-          f"run folder {run}", file=sys.stderr)
+    device = torch.device(args.device)
+    gpu = torch.cuda.get_device_name() if cuda else "CPU"
+    print(f"{gpu}, {precision_name(device)}, torch {torch.__version__}, run folder {run}",
+          file=sys.stderr)
     results = {}
     for name, (module, steps, _, _, log_every) in STAGES.items():
+        log_every = max(1, int(log_every * min(1.0, args.steps_scale)))
         steps = max(2 * log_every, int(steps * args.steps_scale) // log_every * log_every)
         common = ["--run", str(run), "--steps", str(steps), "--log-every", str(log_every),
-                  "--ckpt-every", str(10 * steps), "--compile", "--device", "cuda"]
+                  "--ckpt-every", str(10 * steps), "--compile", "--device", args.device]
         extra = {"stage1": ["--data", "shapes", "--data-dir", args.data_dir, "--no-flip"],
                  "stage2": [], "dit": ["--model", "DiT-S"]}[name]
         log = run / {"stage1": "log_stage1.jsonl", "stage2": "log_stage2.jsonl",
                      "dit": "log_dit.jsonl"}[name]
-        results[name] = dict(measure(name, common + extra, log, log_every), steps=steps)
+        results[name] = dict(measure(name, common + extra, log, log_every, cuda), steps=steps)
 
+    num = max(50, min(1000, int(1000 * args.steps_scale)))
     t0 = time.time()
-    sample.main(["--run", str(run), "--num", "1000", "--cfg-scale", "1.5", "--compile",
-                 "--device", "cuda"])
+    sample.main(["--run", str(run), "--num", str(num), "--cfg-scale", "1.5", "--compile",
+                 "--device", args.device])
     sampling_s = time.time() - t0
     scored = subprocess.run([sys.executable, str(ROOT / "fid.py"), str(run / "samples.npz"),
                              "shapes", "--features", "classifier", "--data-dir", args.data_dir],
@@ -91,8 +98,8 @@ def main(argv=None):
               f"{r['images_s']:,.0f} | {r['peak_gib']:.2f} | {r['compile_s']:.0f} | "
               f"{first:.4f} -> {last:.4f} | {'yes' if last < first else 'NO'} |")
         total += STAGES[name][2] * r["ms_step"] / 1000 + r["compile_s"]
-    per_image = sampling_s / 1000   # includes the compile of the sampler: an upper bound
-    print(f"\nsampling: 1,000 images (DDPM 50 steps, guidance 1.5) in {sampling_s:.0f} s; "
+    per_image = sampling_s / num   # includes the compile of the sampler: an upper bound
+    print(f"\nsampling: {num:,} images (DDPM 50 steps, guidance 1.5) in {sampling_s:.0f} s; "
           f"{' '.join(score) or scored.stderr.strip()[-300:]}")
     print(f"the whole recipe, extrapolated (steps x ms/step + compile, 50,000 samples): "
           f"{(total + 50_000 * per_image) / 60:.0f} minutes, without the Inception FID")
