@@ -239,12 +239,13 @@ def training_target(x0, noise, a, target):
     return x0 if target == "x" else a.sqrt() * noise - (1 - a).sqrt() * x0
 
 def loss_weight(a, target, min_snr_gamma):
-    """Per-example weight of the squared error of the output: 1 (plain MSE, for every target), or
-    min-SNR-gamma (Hang et al.): the error of the implied x0 is weighted by min(SNR, gamma),
-    SNR = a / (1 - a). An eps error is an x0 error times sqrt(SNR) and a v error one times
-    sqrt(SNR + 1), so their weights are min(SNR, gamma) / SNR and min(SNR, gamma) / (SNR + 1);
-    an x output is the x0 itself, weighted min(SNR, gamma). So every target minimises the same
-    loss and only what the network outputs differs."""
+    """Per-example weight of the squared error of the output. min-SNR-gamma (Hang et al.): the
+    error of the implied x0 is weighted by min(SNR, gamma), SNR = a / (1 - a). An eps error is an
+    x0 error times sqrt(SNR) and a v error one times sqrt(SNR + 1), so their weights are
+    min(SNR, gamma) / SNR and min(SNR, gamma) / (SNR + 1); an x output is x0 itself, weighted
+    min(SNR, gamma): every target minimises the same loss, only what the network outputs differs.
+    gamma 0: weight 1, the plain MSE of the output for every target (for x, the x0 error weighted
+    alike at every step, as a denoising autoencoder would learn it)."""
     if not min_snr_gamma:
         return torch.ones_like(a)
     snr = a / (1 - a)
@@ -468,7 +469,7 @@ def main(argv=None):
     p.add_argument("--schedule", choices=["linear", "cosine"], default="linear",
                    help="noise schedule")
     p.add_argument("--min-snr-gamma", type=float, default=MIN_SNR_GAMMA,
-                   help="min-SNR loss weighting gamma (0: off)")
+                   help="min-SNR loss weighting gamma (0: the plain MSE of the output, any target)")
     p.add_argument("--t-sampling", choices=["uniform", "logit-normal"], default=T_SAMPLING,
                    help="how training timesteps are drawn")
     p.add_argument("--lr-schedule", choices=["constant", "cosine"], default=LR_SCHEDULE,
