@@ -218,9 +218,8 @@ def train(args):
     finally:
         progress.close()
 
-    with exact_float32(device):
-        test_psnr = evaluate_reconstruction(encoder, aux_decoder, test_data, device,
-                                            run / "stage1_recon.png")
+    test_psnr = evaluate_reconstruction(encoder, aux_decoder, test_data, device,
+                                        run / "stage1_recon.png")
     checkpoint({"test_psnr_aux": test_psnr}, finished=True)
     print(f"wrote {ckpt_path}: test PSNR with the auxiliary decoder {test_psnr:.2f} dB",
           file=sys.stderr)
@@ -289,8 +288,9 @@ def evaluate_reconstruction(encoder, decoder, data, device, png_path, npz_path=N
     decoder.eval()
     idx = spread_indices(len(data.images), num)
     images = data.images[idx]
-    x_hat = torch.cat([decoder(encoder(to_model_input(images[i:i + batch_size]).to(device)))
-                       .float().cpu() for i in range(0, len(images), batch_size)])  # (N, 3, H, W)
+    with exact_float32(device):   # no autocast, no TF32: the same PSNR on a CPU and a GPU
+        x_hat = torch.cat([decoder(encoder(to_model_input(images[i:i + batch_size]).to(device)))
+                           .float().cpu() for i in range(0, len(images), batch_size)])  # (N,3,H,W)
     shown = spread_indices(len(images), 10)
     save_grid(torch.cat([images[shown], to_uint8_images(x_hat[shown])]), png_path, nrow=len(shown))
     if npz_path:

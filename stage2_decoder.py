@@ -126,8 +126,9 @@ def standardised_latents(encoder, data, stats, device, num=1000, batch_size=250)
     """`num` images spread over the set and their latents, standardised per channel:
     ((num, H, W, 3) uint8, (num, C, h, w))."""
     images = data.images[spread_indices(len(data.images), num)]
-    z = torch.cat([encoder(to_model_input(images[i:i + batch_size]).to(device)).float().cpu()
-                   for i in range(0, len(images), batch_size)])
+    with exact_float32(device):
+        z = torch.cat([encoder(to_model_input(images[i:i + batch_size]).to(device)).float().cpu()
+                       for i in range(0, len(images), batch_size)])
     return images, (z - stats["mean"][None, :, None, None]) / stats["std"][None, :, None, None]
 
 def show_latents(images, z, path, num=8):
@@ -350,10 +351,9 @@ def measure_latent(encoder, decoder, train_data, config, device, run):
                         f"lower --lr; "
                         f"{run / 'autoencoder.pt'} was not written")
     test_data = load_data(config["data"], config["data_dir"], "test", config["image_size"])
-    with exact_float32(device):
-        test_psnr = evaluate_reconstruction(encoder, decoder, test_data, device,
-                                            run / "stage2_recon.png", run / "reconstructions.npz")
-        images, z = standardised_latents(encoder, test_data, stats, device)
+    test_psnr = evaluate_reconstruction(encoder, decoder, test_data, device,
+                                        run / "stage2_recon.png", run / "reconstructions.npz")
+    images, z = standardised_latents(encoder, test_data, stats, device)
     show_latents(images, z, run / "latents.png")
     return stats, {"test_psnr": test_psnr, "latent_high_freq": high_frequency_share(z)}
 
@@ -403,9 +403,8 @@ def probe(args):
         progress.update(step + 1, loss=loss)
     progress.close()
     test_data = load_data(config["data"], config["data_dir"], "test", config["image_size"])
-    with exact_float32(device):
-        test_psnr = evaluate_reconstruction(encoder, decoder, test_data, device,
-                                            run / f"{name}_recon.png")
+    test_psnr = evaluate_reconstruction(encoder, decoder, test_data, device,
+                                        run / f"{name}_recon.png")
     result = dict(test_psnr=test_psnr, width=args.probe_width, dropout=args.probe_dropout,
                   steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     atomic_save(run / f"{name}.json", lambda tmp: Path(tmp).write_text(json.dumps(result) + "\n"))
