@@ -346,6 +346,7 @@ class Progress:
         self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
         self.step = initial
         self.sums, self.count, self.t0 = {}, 0, time.time()   # the window since the last log line
+        self.notes = {}   # measured once in the window: written as they are, not averaged
         self.losses = []   # the first step's loss and every logged window's: the running median
 
     def update(self, step, **metrics):
@@ -363,13 +364,18 @@ class Progress:
         if last:
             seconds = time.time() - self.t0
             record = {"step": step, **{k: float(v) / self.count for k, v in self.sums.items()},
+                      **{k: float(v) for k, v in self.notes.items()},
                       "images_per_s": self.count * self.images_per_step / seconds}
             with open(self.log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             self.bar.set_postfix(loss=f"{record['loss']:.4f}",
                                  img_s=f"{record['images_per_s']:.0f}")
             self.losses.append(abs(record["loss"]))
-            self.sums, self.count, self.t0 = {}, 0, time.time()
+            self.sums, self.count, self.notes, self.t0 = {}, 0, {}, time.time()
+
+    def note(self, **values):
+        """Values for the next log line as they are (measured once per window, not averaged)."""
+        self.notes.update(values)
 
     def stop_if_diverged(self, loss=None, what="the loss"):
         """Stop before a checkpoint stores broken weights: at a loss (this window's, or `loss`)

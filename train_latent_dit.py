@@ -101,18 +101,26 @@ def drop_labels(labels, num_classes, p, generator):
 
 class Attention(nn.Module):
     """Multi-head self-attention: softmax(q k^T / sqrt(d)) v, or the same through PyTorch's fused
-    SDPA kernel."""
-    def __init__(self, dim, heads, impl="sdpa"):
+    SDPA kernel. qk_norm: q and k are layer-normalised per head (ViT-22B, SD3), which bounds the
+    attention logits."""
+    def __init__(self, dim, heads, impl="sdpa", qk_norm=False):
         super().__init__()
         self.heads = heads
         self.impl = impl
         self.qkv = nn.Linear(dim, 3 * dim)
+        self.q_norm = nn.LayerNorm(dim // heads, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(dim // heads, eps=1e-6) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
+
+    def queries_keys_values(self, x):
+        """(N, T, D) -> q, k, v, each (N, H, T, d)."""
+        N, T, D = x.shape
+        q, k, v = self.qkv(x).reshape(N, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        return self.q_norm(q), self.k_norm(k), v
 
     def forward(self, x):
         N, T, D = x.shape
-        qkv = self.qkv(x).reshape(N, T, 3, self.heads, D // self.heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)                            # 3x (N, H, T, d)
+        q, k, v = self.queries_keys_values(x)                           # 3x (N, H, T, d)
         if self.impl == "sdpa":   # flash / memory-efficient kernels on GPU, same math
             out = F.scaled_dot_product_attention(q, k, v)
         else:                     # the math written out; torch.compile fuses it
@@ -125,10 +133,10 @@ def modulate(x, shift, scale):
 
 class DiTBlock(nn.Module):
     """Attention and MLP, each scaled, shifted and gated by the conditioning (adaLN-Zero)."""
-    def __init__(self, hidden, heads, attn="sdpa", mlp_ratio=4.0):
+    def __init__(self, hidden, heads, attn="sdpa", mlp_ratio=4.0, qk_norm=False):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden, heads, attn)
+        self.attn = Attention(hidden, heads, attn, qk_norm)
         self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         mlp_hidden = int(hidden * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(hidden, mlp_hidden), nn.GELU(approximate="tanh"),
@@ -158,7 +166,7 @@ class DiT(nn.Module):
     """(N, C, H, W) noisy latent, (N,) step, (N,) label -> (N, C, H, W) prediction of the
     training target (the velocity v by default, the noise eps, or the clean latent x0)."""
     def __init__(self, input_size=8, in_channels=4, patch=PATCH, hidden=384, depth=12, heads=6,
-                 num_classes=10, attn="sdpa"):
+                 num_classes=10, attn="sdpa", qk_norm=False):
         super().__init__()
         self.in_channels = in_channels
         self.patch = patch
@@ -168,7 +176,8 @@ class DiT(nn.Module):
         self.register_buffer("pos_embed", pos_embed_2d(hidden, self.grid)[None], persistent=False)
         self.t_embedder = TimestepEmbedder(hidden)
         self.y_embedder = nn.Embedding(num_classes + 1, hidden)   # the last row is the null label
-        self.blocks = nn.ModuleList([DiTBlock(hidden, heads, attn) for _ in range(depth)])
+        self.blocks = nn.ModuleList([DiTBlock(hidden, heads, attn, qk_norm=qk_norm)
+                                     for _ in range(depth)])
         self.final_layer = FinalLayer(hidden, patch, in_channels)
         self.initialize_weights()
 
@@ -207,7 +216,7 @@ class DiT(nn.Module):
 def build_dit(config):
     depth, hidden, heads = DIT_SIZES[config["model"]]
     return DiT(config["input_size"], config["in_channels"], config["patch"], hidden, depth, heads,
-               config["num_classes"], config["attn"])
+               config["num_classes"], config["attn"], config.get("qk_norm", False))
 
 
 # -----------------------------------------------------------------------------
@@ -238,14 +247,20 @@ def training_target(x0, noise, a, target):
         return noise
     return x0 if target == "x" else a.sqrt() * noise - (1 - a).sqrt() * x0
 
-def loss_weight(a, target, min_snr_gamma):
+JIT_CLAMP = 0.05   # JiT's loss: the denominator sqrt(1 - a) of the derived velocity is clamped here
+
+def loss_weight(a, target, min_snr_gamma, x_loss="x0"):
     """Per-example weight of the squared error of the output. min-SNR-gamma (Hang et al.): the
     error of the implied x0 is weighted by min(SNR, gamma), SNR = a / (1 - a). An eps error is an
     x0 error times sqrt(SNR) and a v error one times sqrt(SNR + 1), so their weights are
     min(SNR, gamma) / SNR and min(SNR, gamma) / (SNR + 1); an x output is x0 itself, weighted
     min(SNR, gamma): every target minimises the same loss, only what the network outputs differs.
     gamma 0: weight 1, the plain MSE of the output for every target (for x, the x0 error weighted
-    alike at every step, as a denoising autoencoder would learn it)."""
+    alike at every step, as a denoising autoencoder would learn it). x_loss "v" (JiT's loss for an x
+    output): the squared error of the velocity derived from it, v_hat - v = (x0 - x_hat) / sqrt(1 - a),
+    so the x0 error is weighted 1 / (1 - a), which stays near 1 at high noise instead of near 0."""
+    if target == "x" and x_loss == "v":
+        return 1 / (1 - a).clamp(min=JIT_CLAMP ** 2)
     if not min_snr_gamma:
         return torch.ones_like(a)
     snr = a / (1 - a)
@@ -260,7 +275,8 @@ def weighted_error(model, x0, t, y, noise, alphas_cumprod, config):
     with autocast(x0.device):
         out = model(q_sample(x0, t, noise, alphas_cumprod), t, y).float()
     error = out - training_target(x0, noise, a, config["target"])
-    return loss_weight(a, config["target"], config["min_snr_gamma"]) * error ** 2
+    weight = loss_weight(a, config["target"], config["min_snr_gamma"], config.get("x_loss", "x0"))
+    return weight * error ** 2
 
 def sample_timesteps(n, kind, generator, num_timesteps=NUM_TIMESTEPS):
     """(n,) training steps: `uniform`, or `logit-normal`: t / T = sigmoid(u), u ~ N(0, 1), which
@@ -290,6 +306,23 @@ def fixed_step_loss(model, latents, labels, config, device, num_t=10, batch_size
             error = weighted_error(model, x0, t, y, noise, alphas_cumprod, config)
             total += error.mean(dim=(1, 2, 3)).sum().item()
     return total / (num_t * len(latents))
+
+@torch.no_grad()
+def largest_attention_logit(model, x, t, y):
+    """The largest q.k / sqrt(d) of any head in any block on one batch: logits that grow without
+    bound are a known way for a transformer's training to break (QK-norm bounds them)."""
+    largest = []
+    def record(attn, inputs, output):
+        q, k, _ = attn.queries_keys_values(inputs[0])
+        largest.append((q @ k.transpose(-2, -1)).amax() / math.sqrt(q.shape[-1]))
+    hooks = [block.attn.register_forward_hook(record) for block in model.blocks]
+    try:
+        with autocast(x.device):
+            model(x, t, y)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return torch.stack(largest).max().float()
 
 def update_ema(ema, model, decay):
     """ema <- decay * ema + (1 - decay) * model, parameter by parameter."""
@@ -329,6 +362,7 @@ def dit_config(args, ae, ae_path, ae_digest):
                   ema_decay=args.ema_decay, class_dropout=args.class_dropout, seed=args.seed,
                   target=args.target, schedule=args.schedule, min_snr_gamma=args.min_snr_gamma,
                   t_sampling=args.t_sampling, lr_schedule=args.lr_schedule,
+                  x_loss=args.x_loss, qk_norm=args.qk_norm,
                   autoencoder_path=str(ae_path))
     ckpt = None
     if args.resume:   # the checkpoint's configuration; a typed flag may not change it
@@ -383,6 +417,8 @@ def train(args):
         step = ckpt["step"]
     elif is_main:
         clear_stage(run, stage=3)
+        for snapshot in run.glob("dit_step*.pt"):
+            snapshot.unlink()
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     net = torch.compile(net) if args.compile else net
     scaler = grad_scaler(device)   # float16 only; a pass-through in bf16 and float32
@@ -398,12 +434,12 @@ def train(args):
         progress = Progress(run / "log_dit.jsonl", args.steps, step, config["batch_size"],
                             args.log_every, "DiT")
 
-    def checkpoint(metrics):
+    def checkpoint(metrics, path=ckpt_path):
         save_checkpoint({"stage": 3, "config": config, "model": model.state_dict(),
                          "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                          "step": step, "latent_stats": ae["latent_stats"],
                          "autoencoder_path": str(ae_path), "autoencoder_sha256": ae_digest,
-                         "metrics": metrics}, ckpt_path)
+                         "metrics": metrics}, path)
 
     model.train()
     try:
@@ -430,7 +466,12 @@ def train(args):
             update_ema(ema, model, min(config["ema_decay"], (1 + step) / (10 + step)))
             step += 1
             if is_main:
+                if step % args.log_every == 0:
+                    x_t = q_sample(x0, t, noise, alphas_cumprod)
+                    progress.note(attn_logit_max=largest_attention_logit(model, x_t, t, y.to(device)))
                 progress.update(step, loss=loss, grad_norm=grad_norm)
+                if args.snapshot_every and step % args.snapshot_every == 0:
+                    checkpoint({}, run / f"dit_step{step:06d}.pt")
                 if step % args.ckpt_every == 0 and step < args.steps:
                     progress.stop_if_diverged()
                     checkpoint({})
@@ -466,6 +507,11 @@ def main(argv=None):
                    "reaches: it warms up as (1 + step) / (10 + step) until it gets there")
     p.add_argument("--target", choices=["eps", "v", "x"], default=TARGET,
                    help="what the DiT outputs: the noise eps, the velocity v or the clean latent x")
+    p.add_argument("--x-loss", choices=["x0", "v"], default="x0", help="with --target x: the x0 "
+                   "error weighted min(SNR, gamma), or JiT's loss on the velocity derived from x")
+    p.add_argument("--qk-norm", action="store_true", help="layer-normalise queries and keys per head")
+    p.add_argument("--snapshot-every", type=int, default=0,
+                   help="also keep RUN/dit_stepNNNNNN.pt every this many steps (0: none)")
     p.add_argument("--schedule", choices=["linear", "cosine"], default="linear",
                    help="noise schedule")
     p.add_argument("--min-snr-gamma", type=float, default=MIN_SNR_GAMMA,
