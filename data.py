@@ -3,6 +3,8 @@ The data every stage shares: uint8 images (N, H, W, 3) in memory, scaled to [-1,
 batched. Read from the top: CIFAR-10 (downloaded once, md5-checked, read by a safe unpickler), the
 offline `shapes` set, folders of images, batches, pictures.
 """
+import json
+import math
 import os
 import pickle
 import sys
@@ -259,4 +261,50 @@ def save_grid(images, path, nrow, scale=2):
         grid[2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + c * (w + 2): 2 + c * (w + 2) + w] = im
     size = (grid.shape[1] * scale, grid.shape[0] * scale)
     picture = Image.fromarray(grid).resize(size, Image.Resampling.NEAREST)
+    atomic_save(path, lambda tmp: picture.save(tmp, format="PNG"))
+
+def save_loss_curve(log_path, path, title, size=(480, 300)):
+    """Plot the "loss" of a JSONL training log against its step as a PNG (pillow only): axes with
+    ticks and labels, the loss on a log scale when it spans more than a decade."""
+    records = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
+    points = [(r["step"], r["loss"]) for r in records if math.isfinite(r.get("loss", math.nan))]
+    if not points:
+        return
+    steps, losses = np.array(points, dtype=np.float64).T
+    log_scale = losses.min() > 0 and losses.max() / losses.min() > 10
+    ys = np.log10(losses) if log_scale else losses
+    x0, x1 = 0.0, max(steps.max(), 1.0)
+    y0, y1 = ys.min(), ys.max()
+    y0, y1 = (y0 - 0.5, y1 + 0.5) if y1 - y0 < 1e-12 else (y0 - 0.05 * (y1 - y0), y1 + 0.05 * (y1 - y0))
+    width, height = size
+    left, right, top, bottom = 64, width - 16, 28, height - 40        # the plot area in pixels
+    def px(x, y):
+        return (left + (x - x0) / (x1 - x0) * (right - left),
+                bottom - (y - y0) / (y1 - y0) * (bottom - top))
+    picture = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(picture)
+    if log_scale:   # a tick at every 1, 2 and 5 times a power of ten inside the range
+        ticks = [math.log10(m * 10.0 ** e) for e in range(math.floor(y0), math.ceil(y1) + 1)
+                 for m in (1, 2, 5) if y0 <= math.log10(m * 10.0 ** e) <= y1]
+        label = lambda v: f"{10 ** v:.3g}"
+    else:
+        ticks = np.linspace(y0, y1, 5)[1:-1]
+        label = lambda v: f"{v:.3g}"
+    for v in ticks:
+        _, y = px(x0, v)
+        draw.line([(left, y), (right, y)], fill=(225, 225, 225))
+        draw.text((left - 6, y), label(v), fill="black", anchor="rm")
+    for v in np.linspace(x0, x1, 5):
+        x, _ = px(v, y0)
+        draw.line([(x, bottom), (x, bottom + 4)], fill="black")
+        draw.text((x, bottom + 6), f"{v:,.0f}", fill="black", anchor="ma")
+    draw.rectangle([left, top, right, bottom], outline="black")
+    draw.line([px(x, y) for x, y in zip(steps, ys)] if len(steps) > 1 else [px(steps[0], ys[0])] * 2,
+              fill=(31, 119, 180), width=2)
+    draw.text(((left + right) / 2, height - 4), "step", fill="black", anchor="md")
+    axis_label = Image.new("RGB", (60, 14), "white")
+    ImageDraw.Draw(axis_label).text((30, 7), "loss", fill="black", anchor="mm")
+    picture.paste(axis_label.rotate(90, expand=True), (2, (top + bottom) // 2 - 30))
+    draw.text((width / 2, 6), f"{title}: loss{' (log scale)' if log_scale else ''}", fill="black",
+              anchor="ma")
     atomic_save(path, lambda tmp: picture.save(tmp, format="PNG"))

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
@@ -147,6 +148,20 @@ def exact_float32(device):
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
+def setup_distributed(device_name):
+    """(rank, world_size, device): torchrun sets RANK and WORLD_SIZE and starts one process per
+    GPU; a plain `python` run is process 0 of 1. Only process 0 (`is_main`) writes files."""
+    if "RANK" not in os.environ:
+        return 0, 1, pick_device(device_name)
+    cuda = torch.cuda.is_available() and device_name != "cpu"
+    dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    device = pick_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    return dist.get_rank(), dist.get_world_size(), device
+
 def refuse_torchrun(script):
     """The autoencoder stages train on one device: N torchrun copies would be N identical runs."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -193,11 +208,12 @@ def file_digest(path, algorithm):
 
 CHECKPOINT_FORMAT = 2   # raised whenever a checkpoint's contents change; older files are refused
 # Per stage: its checkpoint, its script, and the other files it leaves in the run folder.
-STAGES = {1: ("stage1.pt", "stage1_encoder.py", ("log_stage1.jsonl", "stage1_recon.png")),
-          2: ("autoencoder.pt", "stage2_decoder.py",
-              ("log_stage2.jsonl", "stage2_recon.png", "latents.png", "reconstructions.npz")),
+STAGES = {1: ("stage1.pt", "stage1_encoder.py",
+              ("log_stage1.jsonl", "stage1_recon.png", "stage1_loss.png")),
+          2: ("autoencoder.pt", "stage2_decoder.py", ("log_stage2.jsonl", "stage2_recon.png",
+              "stage2_loss.png", "latents.png", "reconstructions.npz")),
           3: ("dit.pt", "train_latent_dit.py",   # samples.*: written by sample.py from dit.pt
-              ("log_dit.jsonl", "dit_samples.png", "samples.png", "samples.npz"))}
+              ("log_dit.jsonl", "dit_samples.png", "dit_loss.png", "samples.png", "samples.npz"))}
 
 def atomic_save(path, write):
     """write(temp path) in the same folder, then rename: a crash never leaves half a file."""
@@ -325,9 +341,10 @@ def resume_checkpoint(ckpt_path, log_path, stage, args, fresh_config, flags):
         raise UserError(f"--resume continues {ckpt_path} as it was configured, but "
                         f"{'; '.join(changed)}: drop these flags, or start a new run with another "
                         f"--run (--steps may be raised)")
-    if Path(log_path).exists():   # lines logged after the checkpoint would be repeated
-        kept = [line for line in Path(log_path).read_text().splitlines(keepends=True)
-                if line.strip() and json.loads(line)["step"] <= ckpt["step"]]
+    if Path(log_path).exists():   # lines logged after the checkpoint would be repeated; a
+        lines = Path(log_path).read_text().splitlines(keepends=True)   # warning of the old end goes
+        records = [(line, json.loads(line)) for line in lines if line.strip()]
+        kept = [line for line, r in records if r["step"] <= ckpt["step"] and "warning" not in r]
         atomic_save(log_path, lambda tmp: Path(tmp).write_text("".join(kept)))
     return ckpt
 

@@ -11,6 +11,7 @@ ready for fid.py.
     python sample.py --run runs/shapes --num 50000 --cfg-scale 1.5   # + runs/shapes/samples.npz
 """
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -107,7 +108,8 @@ GRID_STEPS, GRID_CFG = 25, 2.0   # the training script's first look: fast and st
 GRID_SAMPLER = f"{GRID_STEPS} DDIM steps, guidance {GRID_CFG}"
 
 def save_sample_grid(ema, ae, config, path, device):
-    """A first look at what the DiT learned: 8 samples per class, one row per class."""
+    """A first look at what the DiT learned: 8 samples per class, one row per class; returns their
+    latents."""
     decoder = Decoder(**autoencoder_kwargs(ae["config"])).to(device).eval()
     decoder.load_state_dict(ae["decoder"])
     y = torch.arange(config["num_classes"], device=device).repeat_interleave(8)
@@ -116,6 +118,41 @@ def save_sample_grid(ema, ae, config, path, device):
                        torch.Generator().manual_seed(0), shape, config["schedule"],
                        config["target"])
     save_grid(decode_latents(decoder, z, ae["latent_stats"]), path, nrow=8)
+    return z
+
+
+# -----------------------------------------------------------------------------
+# Did the DiT draw whole latents? Seams along its patch borders mark a broken run
+
+SEAM_LIMIT = 1.25   # a seam ratio above this, against real latents, marks a broken run
+
+def patch_seam_ratio(z, patch):
+    """How much more neighbouring latent pixels differ across the borders of the DiT's patches
+    than inside them, (N, C, H, W) -> a number: a DiT whose tokens do not agree on one image draws
+    seams along the patch borders (broken strokes, empty cells). None for patch 1 (no inside)."""
+    if patch == 1:
+        return None
+    across_columns = (z[..., :, 1:] - z[..., :, :-1]).pow(2).mean((0, 1, 2))   # (W - 1,) per gap
+    across_rows = (z[..., 1:, :] - z[..., :-1, :]).pow(2).mean((0, 1, 3))      # (H - 1,)
+    gaps = torch.cat([across_columns, across_rows])
+    border = torch.cat([torch.arange(1, z.shape[3]), torch.arange(1, z.shape[2])]) % patch == 0
+    return (gaps[border].mean() / gaps[~border].mean()).item()
+
+def seam_check(samples, real, config, run, step):
+    """Does the finished DiT draw whole latents? Its samples' patch seam ratio against the real
+    latents'; above SEAM_LIMIT one warning line goes to the screen and to RUN/log_dit.jsonl."""
+    ratio = patch_seam_ratio(samples, config["patch"])
+    if ratio is None:
+        return None
+    ratio /= patch_seam_ratio(real, config["patch"])
+    if ratio > SEAM_LIMIT:
+        warning = (f"the samples' latents differ {ratio:.2f}x as much across the DiT's patch borders "
+                   f"as real latents do (limit {SEAM_LIMIT}): the tokens do not agree, look at "
+                   f"dit_samples.png and expect seams (this run may have broken)")
+        print(f"warning: {warning}", file=sys.stderr)
+        with open(run / "log_dit.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "warning": warning}) + "\n")
+    return ratio
 
 
 # -----------------------------------------------------------------------------

@@ -25,7 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import load_data, sample_batch, save_grid, spread_indices, to_model_input, to_uint8_images
+from data import (load_data, sample_batch, save_grid, save_loss_curve, spread_indices, to_model_input,
+                  to_uint8_images)
 from runs import (Interrupted, Progress, UserError, add_training_flags, atomic_save, autocast,
                   clear_stage, count_params, exact_float32, grad_scaler, load_optimizer, open_run,
                   parse_training_args, pick_device, precision_name, refuse_torchrun,
@@ -221,6 +222,7 @@ def train(args):
     test_psnr = evaluate_reconstruction(encoder, aux_decoder, test_data, device,
                                         run / "stage1_recon.png")
     checkpoint({"test_psnr_aux": test_psnr}, finished=True)
+    save_loss_curve(log_path, run / "stage1_loss.png", "stage 1")
     print(f"wrote {ckpt_path}: test PSNR with the auxiliary decoder {test_psnr:.2f} dB",
           file=sys.stderr)
 

@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import load_data, sample_batch, save_grid, spread_indices, to_model_input
+from data import load_data, sample_batch, save_grid, save_loss_curve, spread_indices, to_model_input
 from runs import (Interrupted, Progress, UserError, add_training_flags, atomic_save, autocast,
                   clear_stage, count_params, exact_float32, file_digest, grad_scaler,
                   load_checkpoint, load_optimizer, open_run, parse_training_args, pick_device,
@@ -335,6 +335,7 @@ def train(args):
     stats, metrics = measure_latent(encoder, decoder, train_data, config, device, run)
     metrics["stage1_test_psnr_aux"] = stage1["metrics"]["test_psnr_aux"]
     checkpoint(metrics, stats)
+    save_loss_curve(run / "log_stage2.jsonl", run / "stage2_loss.png", "stage 2")
     print(f"wrote {ckpt_path}: test PSNR {metrics['test_psnr']:.2f} dB, latent std per channel "
           f"{[round(v, 3) for v in stats['std'].tolist()]}, high-frequency share of the latent "
           f"{metrics['latent_high_freq']:.3f} (picture: {run / 'latents.png'})", file=sys.stderr)

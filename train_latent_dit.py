@@ -26,10 +26,11 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from data import save_loss_curve
 from runs import (Interrupted, Progress, UserError, add_training_flags, autocast, clear_stage,
                   count_params, grad_scaler, load_optimizer, open_run, parse_training_args,
-                  pick_device, precision_name, resume_checkpoint, run_cli, save_checkpoint,
-                  seeded_generator)
+                  precision_name, resume_checkpoint, run_cli, save_checkpoint, seeded_generator,
+                  setup_distributed)
 from stage2_decoder import build_latent_cache, load_autoencoder
 
 # -----------------------------------------------------------------------------
@@ -338,20 +339,6 @@ def lr_at(step, config, total_steps):
     progress = (step - config["warmup"]) / max(1, total_steps - config["warmup"])
     return config["lr"] * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
-def setup_distributed(device_name):
-    """(rank, world_size, device): torchrun sets RANK and WORLD_SIZE and starts one process per
-    GPU; a plain `python` run is process 0 of 1. Only process 0 (`is_main`) writes files."""
-    if "RANK" not in os.environ:
-        return 0, 1, pick_device(device_name)
-    cuda = torch.cuda.is_available() and device_name != "cpu"
-    dist.init_process_group("nccl" if cuda else "gloo")
-    if cuda:
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    device = pick_device(device_name)
-    if device.type == "cuda":
-        device = torch.device("cuda", torch.cuda.current_device())
-    return dist.get_rank(), dist.get_world_size(), device
-
 def dit_config(args, ae, ae_path, ae_digest):
     """The DiT's configuration from the flags and the autoencoder, or, with --resume, the
     checkpoint's (and the checkpoint)."""
@@ -485,9 +472,12 @@ def train(args):
         heldout = fixed_step_loss(ema, cache["heldout_latents"], cache["heldout_labels"], config,
                                   device)
         progress.stop_if_diverged(heldout, "the held-out loss of the EMA weights")
-        checkpoint({"final_loss": loss.item(), "heldout_loss": heldout})
-        from sample import GRID_SAMPLER, save_sample_grid   # sample.py imports this file: late
-        save_sample_grid(ema, ae, config, run / "dit_samples.png", device)
+        from sample import GRID_SAMPLER, save_sample_grid, seam_check   # it imports this file
+        z = save_sample_grid(ema, ae, config, run / "dit_samples.png", device).cpu()
+        metrics = {"final_loss": loss.item(), "heldout_loss": heldout,
+                   "patch_seam_ratio": seam_check(z, cache["heldout_latents"], config, run, step)}
+        checkpoint(metrics)
+        save_loss_curve(run / "log_dit.jsonl", run / "dit_loss.png", "DiT")
         print(f"wrote {ckpt_path} and {run / 'dit_samples.png'} ({GRID_SAMPLER}); held-out loss "
               f"(EMA, fixed steps and noise) {heldout:.4f}", file=sys.stderr)
     if world > 1:

@@ -41,6 +41,7 @@ def measure(name, argv, log_path, log_every, cuda):
     STAGES[name][0].main(argv)
     seconds = time.time() - t0
     log = [json.loads(line) for line in log_path.read_text().splitlines()]
+    log = [record for record in log if "loss" in record]   # not the DiT's end-of-run warning
     steady = log[-1]["images_per_s"]               # the last window: compiled and warm
     batch = STAGES[name][3]
     ms_step = 1000 * batch / steady

@@ -159,3 +159,38 @@ def test_a_damaged_shapes_cache_is_built_again(tmp_path, monkeypatch):
     rebuilt = data.load_shapes(data_dir, "test")
     expected, _ = real(20, data.SHAPES_SEED + 1)
     assert np.array_equal(rebuilt.images.numpy(), expected)
+
+
+# --- Loss curves: a PNG from a JSONL log --------------------------------------------------------
+
+def curve_rows(png):
+    """{x: mean row} of the plot's blue curve pixels in a loss-curve PNG."""
+    pixels = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    blue = (pixels[..., 2] > 150) & (pixels[..., 0] < 100)
+    return {x: np.nonzero(blue[:, x])[0].mean() for x in range(pixels.shape[1]) if blue[:, x].any()}
+
+def test_loss_curve_follows_the_log_on_a_log_scale(tmp_path):
+    import json
+    log, png = tmp_path / "log.jsonl", tmp_path / "loss.png"
+    decay = [{"step": s, "loss": 10 * 0.1 ** (s / 1000)} for s in range(0, 3001, 50)]   # 3 decades
+    log.write_text("".join(json.dumps(r) + "\n" for r in decay))
+    data.save_loss_curve(log, png, "test")
+    rows = curve_rows(png)
+    xs = sorted(rows)
+    first, middle, last = rows[xs[0]], rows[xs[len(xs) // 2]], rows[xs[-1]]
+    assert first < middle < last   # the loss falls: the curve goes down the picture
+    # on a log scale an exponential decay is a straight line: its middle lies halfway
+    assert abs(middle - (first + last) / 2) < 4
+    before = png.read_bytes()
+    with open(log, "a") as f:   # training goes on and the loss rises again: the picture changes
+        f.write("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(3050, 4001, 50)))
+    data.save_loss_curve(log, png, "test")
+    rows = curve_rows(png)
+    assert png.read_bytes() != before and rows[max(rows)] < last - 50   # it ends higher up
+    # a loss within one decade is plotted on a linear scale: a linear fall is then a straight line
+    log.write_text("".join(json.dumps({"step": s, "loss": 2 - s / 3000}) + "\n"
+                           for s in range(0, 3001, 50)))
+    data.save_loss_curve(log, png, "test")
+    rows = curve_rows(png)
+    xs = sorted(rows)
+    assert abs(rows[xs[len(xs) // 2]] - (rows[xs[0]] + rows[xs[-1]]) / 2) < 4

@@ -145,7 +145,8 @@ def test_flop_count_is_the_models_own_count_of_matmuls(model, patch):
 
 
 def read_log(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    """The logged steps (without an end-of-training warning, if one was written)."""
+    return [r for r in map(json.loads, path.read_text().splitlines()) if "loss" in r]
 
 
 def test_train_resume_reproduces_the_loss_curve(autoencoder_run, tmp_path):
@@ -259,3 +260,45 @@ def test_a_damaged_latent_cache_is_built_again(autoencoder_run, tmp_path, capsys
     dit.main([*args, "--overwrite"])
     assert "damaged" in capsys.readouterr().err
     assert torch.equal(torch.load(run / "latents.pt", weights_only=True)["latents"], good)
+
+
+class FixedLatents(torch.nn.Module):
+    """A stand-in DiT with the x target: the i-th image of a batch is always bank[i]. Sampling from
+    it draws exactly the bank (both halves of a guided batch get the same output)."""
+    num_classes = 10
+
+    def __init__(self, bank):
+        super().__init__()
+        self.bank = bank
+
+    def forward(self, x, t, y):
+        return self.bank[torch.arange(len(x)) % len(self.bank)]
+
+
+def test_seam_check_fires_on_a_broken_model_and_not_on_a_whole_one(autoencoder_run, tmp_path):
+    g = torch.Generator().manual_seed(0)
+    def smooth_latents(n):   # white noise blurred alike at every position (circular padding)
+        z = torch.nn.functional.pad(torch.randn(n, 4, 8, 8, generator=g), (2, 2, 2, 2), "circular")
+        return torch.nn.functional.avg_pool2d(z, 5, stride=1)
+    whole, real = smooth_latents(80), smooth_latents(200)
+    broken = whole.clone()   # each 4x4 token of an image taken from another image: seams
+    broken[..., :4, 4:] = whole.roll(1, 0)[..., :4, 4:]
+    broken[..., 4:, :4] = whole.roll(2, 0)[..., 4:, :4]
+    broken[..., 4:, 4:] = whole.roll(3, 0)[..., 4:, 4:]
+    assert 0.8 < sample.patch_seam_ratio(real, 4) < 1.2
+    assert sample.patch_seam_ratio(real, 1) is None   # patch 1: no pixel pair inside a patch
+    ae = torch.load(autoencoder_run / "autoencoder.pt", weights_only=True)
+    config = dict(num_classes=10, in_channels=4, input_size=8, schedule="linear", target="x",
+                  patch=4)
+    log = tmp_path / "log_dit.jsonl"
+    log.write_text("")
+    ratios = {}
+    for name, bank in (("whole", whole), ("broken", broken)):
+        z = sample.save_sample_grid(FixedLatents(bank), ae, config, tmp_path / f"{name}.png",
+                                    torch.device("cpu"))
+        torch.testing.assert_close(z, bank, rtol=0, atol=1e-4)   # the sampler drew the bank
+        ratios[name] = sample.seam_check(z, real, config, tmp_path, step=30)
+        warnings = [json.loads(line) for line in log.read_text().splitlines()]
+        assert len(warnings) == (name == "broken")
+    assert ratios["whole"] < sample.SEAM_LIMIT < 1.5 < ratios["broken"]
+    assert warnings[0]["step"] == 30 and "patch borders" in warnings[0]["warning"]
