@@ -213,7 +213,8 @@ STAGES = {1: ("stage1.pt", "stage1_encoder.py",
           2: ("autoencoder.pt", "stage2_decoder.py", ("log_stage2.jsonl", "stage2_recon.png",
               "stage2_loss.png", "latents.png", "reconstructions.npz")),
           3: ("dit.pt", "train_latent_dit.py",   # samples.*: written by sample.py from dit.pt
-              ("log_dit.jsonl", "dit_samples.png", "dit_loss.png", "samples.png", "samples.npz"))}
+              ("log_dit.jsonl", "dit_samples.png", "dit_loss.png", "dit_step*.pt", "samples.png",
+               "samples.npz"))}
 
 def atomic_save(path, write):
     """write(temp path) in the same folder, then rename: a crash never leaves half a file."""
@@ -323,8 +324,9 @@ def process_alive(pid):
 def clear_stage(run, stage):
     """A fresh run, before it trains: delete what this stage and later ones wrote here before."""
     for s in range(stage, len(STAGES) + 1):
-        for name in (STAGES[s][0], *STAGES[s][2]):
-            (Path(run) / name).unlink(missing_ok=True)
+        for name in (STAGES[s][0], *STAGES[s][2]):   # a name or a pattern (dit_step*.pt)
+            for path in Path(run).glob(name):
+                path.unlink()
 
 def resume_checkpoint(ckpt_path, log_path, stage, args, fresh_config, flags):
     """--resume: the stage's own checkpoint, unless finished or asked to change its configuration
@@ -363,7 +365,6 @@ class Progress:
         self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
         self.step = initial
         self.sums, self.count, self.t0 = {}, 0, time.time()   # the window since the last log line
-        self.notes = {}   # measured once in the window: written as they are, not averaged
         self.losses = []   # the first step's loss and every logged window's: the running median
 
     def update(self, step, **metrics):
@@ -381,18 +382,13 @@ class Progress:
         if last:
             seconds = time.time() - self.t0
             record = {"step": step, **{k: float(v) / self.count for k, v in self.sums.items()},
-                      **{k: float(v) for k, v in self.notes.items()},
                       "images_per_s": self.count * self.images_per_step / seconds}
             with open(self.log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             self.bar.set_postfix(loss=f"{record['loss']:.4f}",
                                  img_s=f"{record['images_per_s']:.0f}")
             self.losses.append(abs(record["loss"]))
-            self.sums, self.count, self.notes, self.t0 = {}, 0, {}, time.time()
-
-    def note(self, **values):
-        """Values for the next log line as they are (measured once per window, not averaged)."""
-        self.notes.update(values)
+            self.sums, self.count, self.t0 = {}, 0, time.time()
 
     def stop_if_diverged(self, loss=None, what="the loss"):
         """Stop before a checkpoint stores broken weights: at a loss (this window's, or `loss`)

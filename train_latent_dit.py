@@ -7,9 +7,8 @@ jointly trained autoencoder. The latents are encoded once with the frozen encode
 with the stored per-channel statistics, and cached in the run folder. At the end, the loss of the
 EMA model on 1,000 held-out test latents at fixed steps and noise says how hard the latent is.
 
-Read from the top: the defaults, the DiT, the forward process (noise schedule, noising, prediction
-target, loss weighting, timesteps), the latent cache and training; the reverse process that turns
-noise into samples is in sample.py.
+Read from the top: the defaults, the DiT, the forward process (schedule, noising, target, loss
+weighting, timesteps), the latent cache and training; the reverse process is in sample.py.
 
     python train_latent_dit.py --run runs/shapes                 # autoencoder.pt -> dit.pt
     torchrun --nproc_per_node=4 train_latent_dit.py -- --run DIR # DistributedDataParallel
@@ -51,8 +50,7 @@ LR_SCHEDULE = "cosine"  # after the warm-up, the learning rate decays to zero at
 NUM_TIMESTEPS = 1000
 
 DIT_SIZES = {           # depth, hidden size, heads
-    "DiT-N": (6, 96, 3),    # half DiT-T's width
-    "DiT-T": (6, 192, 3),
+    "DiT-N": (6, 96, 3), "DiT-T": (6, 192, 3),   # DiT-N: half DiT-T's width
     "DiT-S": (12, 384, 6),
     "DiT-B": (12, 768, 12),
 }
@@ -134,7 +132,7 @@ def modulate(x, shift, scale):
 
 class DiTBlock(nn.Module):
     """Attention and MLP, each scaled, shifted and gated by the conditioning (adaLN-Zero)."""
-    def __init__(self, hidden, heads, attn="sdpa", mlp_ratio=4.0, qk_norm=False):
+    def __init__(self, hidden, heads, attn="sdpa", qk_norm=False, mlp_ratio=4.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden, heads, attn, qk_norm)
@@ -177,8 +175,7 @@ class DiT(nn.Module):
         self.register_buffer("pos_embed", pos_embed_2d(hidden, self.grid)[None], persistent=False)
         self.t_embedder = TimestepEmbedder(hidden)
         self.y_embedder = nn.Embedding(num_classes + 1, hidden)   # the last row is the null label
-        self.blocks = nn.ModuleList([DiTBlock(hidden, heads, attn, qk_norm=qk_norm)
-                                     for _ in range(depth)])
+        self.blocks = nn.ModuleList([DiTBlock(hidden, heads, attn, qk_norm) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden, patch, in_channels)
         self.initialize_weights()
 
@@ -256,10 +253,9 @@ def loss_weight(a, target, min_snr_gamma, x_loss="x0"):
     x0 error times sqrt(SNR) and a v error one times sqrt(SNR + 1), so their weights are
     min(SNR, gamma) / SNR and min(SNR, gamma) / (SNR + 1); an x output is x0 itself, weighted
     min(SNR, gamma): every target minimises the same loss, only what the network outputs differs.
-    gamma 0: weight 1, the plain MSE of the output for every target (for x, the x0 error weighted
-    alike at every step, as a denoising autoencoder would learn it). x_loss "v" (JiT's loss for an x
-    output): the squared error of the velocity derived from it, v_hat - v = (x0 - x_hat) / sqrt(1 - a),
-    so the x0 error is weighted 1 / (1 - a), which stays near 1 at high noise instead of near 0."""
+    gamma 0: weight 1, the plain MSE of the output for every target. x_loss "v", JiT's loss for an
+    x output: the error of the velocity derived from it, (x0 - x_hat) / sqrt(1 - a), so the x0
+    error is weighted 1 / (1 - a): near 1 at high noise, where min(SNR, gamma) is near 0."""
     if target == "x" and x_loss == "v":
         return 1 / (1 - a).clamp(min=JIT_CLAMP ** 2)
     if not min_snr_gamma:
@@ -308,23 +304,6 @@ def fixed_step_loss(model, latents, labels, config, device, num_t=10, batch_size
             total += error.mean(dim=(1, 2, 3)).sum().item()
     return total / (num_t * len(latents))
 
-@torch.no_grad()
-def largest_attention_logit(model, x, t, y):
-    """The largest q.k / sqrt(d) of any head in any block on one batch: logits that grow without
-    bound are a known way for a transformer's training to break (QK-norm bounds them)."""
-    largest = []
-    def record(attn, inputs, output):
-        q, k, _ = attn.queries_keys_values(inputs[0])
-        largest.append((q @ k.transpose(-2, -1)).amax() / math.sqrt(q.shape[-1]))
-    hooks = [block.attn.register_forward_hook(record) for block in model.blocks]
-    try:
-        with autocast(x.device):
-            model(x, t, y)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return torch.stack(largest).max().float()
-
 def update_ema(ema, model, decay):
     """ema <- decay * ema + (1 - decay) * model, parameter by parameter."""
     with torch.no_grad():
@@ -349,8 +328,7 @@ def dit_config(args, ae, ae_path, ae_digest):
                   ema_decay=args.ema_decay, class_dropout=args.class_dropout, seed=args.seed,
                   target=args.target, schedule=args.schedule, min_snr_gamma=args.min_snr_gamma,
                   t_sampling=args.t_sampling, lr_schedule=args.lr_schedule,
-                  x_loss=args.x_loss, qk_norm=args.qk_norm,
-                  autoencoder_path=str(ae_path))
+                  x_loss=args.x_loss, qk_norm=args.qk_norm, autoencoder_path=str(ae_path))
     ckpt = None
     if args.resume:   # the checkpoint's configuration; a typed flag may not change it
         run = Path(args.run)
@@ -358,9 +336,9 @@ def dit_config(args, ae, ae_path, ae_digest):
                                  {k: k for k in config})
         config = ckpt["config"]
         if ckpt["autoencoder_sha256"] != ae_digest:
-            raise UserError(f"{ae_path} is not the autoencoder {run / 'dit.pt'} was trained on "
-                            f"(its sha256 differs): resuming would train on another latent "
-                            f"space; start a new run instead")
+            raise UserError(f"{ae_path} is not the autoencoder {run / 'dit.pt'} was trained on (its "
+                            f"sha256 differs): resuming would train on another latent space; start "
+                            f"a new run instead")
     size = config["input_size"]
     if config["patch"] < 1 or size % config["patch"]:
         raise UserError(f"--patch {config['patch']} does not divide the {size}x{size} latent")
@@ -404,8 +382,6 @@ def train(args):
         step = ckpt["step"]
     elif is_main:
         clear_stage(run, stage=3)
-        for snapshot in run.glob("dit_step*.pt"):
-            snapshot.unlink()
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     net = torch.compile(net) if args.compile else net
     scaler = grad_scaler(device)   # float16 only; a pass-through in bf16 and float32
@@ -414,10 +390,9 @@ def train(args):
     if is_main:
         resuming = f", resuming at step {step}" if step else ""
         print(f"{config['model']}/{config['patch']}: {count_params(model)}, "
-              f"{(config['input_size'] // config['patch']) ** 2} tokens, "
-              f"{len(cache['latents'])} cached latents, "
-              f"device {device}, {precision_name(device)}, {world} process(es){resuming}",
-              file=sys.stderr)
+              f"{(config['input_size'] // config['patch']) ** 2} tokens, {len(cache['latents'])} "
+              f"cached latents, device {device}, {precision_name(device)}, {world} process(es)"
+              f"{resuming}", file=sys.stderr)
         progress = Progress(run / "log_dit.jsonl", args.steps, step, config["batch_size"],
                             args.log_every, "DiT")
 
@@ -431,8 +406,7 @@ def train(args):
     model.train()
     try:
         while step < args.steps:
-            # Every random draw of this step comes from its own generator: a resumed run repeats
-            # them exactly.
+            # Every random draw of this step comes from its own generator: a resume repeats them.
             g = seeded_generator(config["seed"], step, stream=rank, num_streams=64)
             idx = torch.randint(len(latents), (local_batch,), generator=g).to(device)
             x0 = latents[idx]                                                # (N, C, h, w)
@@ -453,9 +427,6 @@ def train(args):
             update_ema(ema, model, min(config["ema_decay"], (1 + step) / (10 + step)))
             step += 1
             if is_main:
-                if step % args.log_every == 0:
-                    x_t = q_sample(x0, t, noise, alphas_cumprod)
-                    progress.note(attn_logit_max=largest_attention_logit(model, x_t, t, y.to(device)))
                 progress.update(step, loss=loss, grad_norm=grad_norm)
                 if args.snapshot_every and step % args.snapshot_every == 0:
                     checkpoint({}, run / f"dit_step{step:06d}.pt")
@@ -500,26 +471,24 @@ def main(argv=None):
     p.add_argument("--x-loss", choices=["x0", "v"], default="x0", help="with --target x: the x0 "
                    "error weighted min(SNR, gamma), or JiT's loss on the velocity derived from x")
     p.add_argument("--qk-norm", action="store_true", help="layer-normalise queries and keys per head")
-    p.add_argument("--snapshot-every", type=int, default=0,
-                   help="also keep RUN/dit_stepNNNNNN.pt every this many steps (0: none)")
-    p.add_argument("--schedule", choices=["linear", "cosine"], default="linear",
-                   help="noise schedule")
+    p.add_argument("--snapshot-every", type=int, default=0, help="also keep RUN/dit_stepNNNNNN.pt "
+                   "every this many steps (0: none)")
+    p.add_argument("--schedule", choices=["linear", "cosine"], default="linear", help="noise schedule")
     p.add_argument("--min-snr-gamma", type=float, default=MIN_SNR_GAMMA,
                    help="min-SNR loss weighting gamma (0: the plain MSE of the output, any target)")
-    p.add_argument("--t-sampling", choices=["uniform", "logit-normal"], default=T_SAMPLING,
-                   help="how training timesteps are drawn")
-    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default=LR_SCHEDULE,
-                   help="learning rate after the warm-up: constant, or a cosine down to zero at "
-                   "this run's last --steps")
+    p.add_argument("--t-sampling", choices=["uniform", "logit-normal"], default=T_SAMPLING, help="how "
+                   "training timesteps are drawn")
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default=LR_SCHEDULE, help="lr "
+                   "after the warm-up: constant, or a cosine down to zero at this run's last --steps")
     p.add_argument("--class-dropout", type=float, default=CLASS_DROPOUT, help="label dropout (CFG)")
     add_training_flags(p, STEPS, BATCH_SIZE, LR, ckpt_every=2000, checkpoint="dit.pt")
     argv = sys.argv[1:] if argv is None else argv
     # torchrun's parser takes `--run` for its `--run-path`: `torchrun ... file.py -- --run DIR`
     args = parse_training_args(p, argv[1:] if argv[:1] == ["--"] else argv, STEPS)
-    if args.patch < 1 or args.warmup < 0 or not 0 < args.grad_clip < float("inf") or not (
-            0 <= args.min_snr_gamma < float("inf")):
-        raise UserError("--patch must be positive, --warmup >= 0, --min-snr-gamma finite and "
-                        ">= 0, and --grad-clip finite and positive")
+    if args.patch < 1 or min(args.warmup, args.snapshot_every) < 0 or not (
+            0 < args.grad_clip < float("inf") and 0 <= args.min_snr_gamma < float("inf")):
+        raise UserError("--patch must be positive, --warmup and --snapshot-every >= 0, "
+                        "--min-snr-gamma finite and >= 0, and --grad-clip finite and positive")
     if not (0 <= args.ema_decay < 1 and 0 <= args.class_dropout < 1):
         raise UserError("--ema-decay and --class-dropout must lie in [0, 1)")
     rank0 = os.environ.get("RANK", "0") == "0"   # under torchrun, one process locks the folder

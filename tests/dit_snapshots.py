@@ -4,7 +4,8 @@ the final dit.pt), the held-out x0 error at fixed timesteps (the training weight
 the largest attention logit of every block, and a grid of samples. Not imported by the tests.
 
     python train_latent_dit.py --run R ... --snapshot-every 500 --log-every 10
-    python tests/dit_snapshots.py --run R     # -> R/snapshots.json, R/snapshot_stepNNNNNN.png
+    python tests/dit_snapshots.py --run R     # -> R/snapshots.json, R/snapshot_stepNNNNNN.png,
+                                              #    R/snapshots.png (every grid's first rows)
 """
 import argparse
 import json
@@ -13,6 +14,7 @@ import sys
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from runs import load_checkpoint, run_cli                                    # noqa: E402
@@ -61,6 +63,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", required=True, help="a run folder with dit_step*.pt and dit.pt")
     p.add_argument("--num", type=int, default=500, help="held-out latents to measure on")
+    p.add_argument("--rows", type=int, default=4, help="class rows of each grid in snapshots.png")
     args = p.parse_args(argv)
     run = Path(args.run)
     cache = torch.load(run / "latents.pt", weights_only=True)
@@ -68,7 +71,11 @@ def main(argv=None):
     labels = cache["heldout_labels"][:args.num]
     ae, _ = load_autoencoder(run / "autoencoder.pt")
     report = []
-    for path in sorted(run.glob("dit_step*.pt")) + [run / "dit.pt"]:
+    snapshots = sorted(run.glob("dit_step*.pt"))
+    final = load_checkpoint(run / "dit.pt", stage=3)
+    if not snapshots or torch.load(snapshots[-1], weights_only=True)["step"] != final["step"]:
+        snapshots.append(run / "dit.pt")   # the last snapshot is dit.pt when the steps match
+    for path in snapshots:
         ckpt = load_checkpoint(path, stage=3)
         entry = {"step": ckpt["step"], "file": path.name}
         for weights in ("model", "ema"):
@@ -84,6 +91,19 @@ def main(argv=None):
         print(json.dumps({"step": entry["step"], "x0_error_ema": {
             t: round(e, 4) for t, e in entry["x0_error_ema"].items()}}), file=sys.stderr)
     (run / "snapshots.json").write_text(json.dumps(report, indent=1))
+    strip(run, [entry["step"] for entry in report], args.rows)
+
+
+def strip(run, steps, rows):
+    """R/snapshots.png: the first `rows` class rows of every snapshot's grid, side by side."""
+    grids = [Image.open(run / f"snapshot_step{step:06d}.png") for step in dict.fromkeys(steps)]
+    width, height = grids[0].size
+    tile = (width // 2 - 2) // 8   # a grid row: 8 images with 2-pixel borders, shown at 2x
+    cut = 2 * (2 + rows * tile)
+    picture = Image.new("RGB", (len(grids) * (width + 8) - 8, cut), "white")
+    for i, grid in enumerate(grids):
+        picture.paste(grid.crop((0, 0, width, cut)), (i * (width + 8), 0))
+    picture.save(run / "snapshots.png")
 
 
 if __name__ == "__main__":

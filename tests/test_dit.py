@@ -210,6 +210,46 @@ def test_min_snr_weighting_is_the_clipped_snr_on_the_x0_error(target):
     assert torch.equal(dit.loss_weight(a, target, 0.0), torch.ones_like(a))  # 0: plain MSE
 
 
+def test_jit_loss_is_the_error_of_the_velocity_derived_from_the_x_output():
+    # --x-loss v: the x0 error weighted 1 / (1 - a) is (v_hat - v)^2, v_hat derived from x_hat;
+    # at the lowest noise (1 - a < 0.05^2) the weight is clamped at 1 / 0.05^2.
+    alphas_cumprod = dit.make_schedule()
+    t = torch.tensor([0, 200, 500, 900])
+    a = alphas_cumprod[t].double()[:, None, None, None]
+    x0, noise, x_hat = torch.randn(3, 4, 4, 8, 8, dtype=torch.float64).unbind(0)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    v = dit.training_target(x0, noise, a, "v")
+    v_hat = (a.sqrt() * x_t - x_hat) / (1 - a).sqrt()   # x_t, x_hat -> eps_hat -> v_hat
+    weight = dit.loss_weight(a, "x", 5.0, x_loss="v")
+    torch.testing.assert_close((weight * (x_hat - x0) ** 2)[1:], ((v_hat - v) ** 2)[1:])
+    assert weight[0].item() == pytest.approx(1 / dit.JIT_CLAMP ** 2)   # t = 0: 1 - a = 1e-4
+    assert weight[-1].item() == pytest.approx(1.0, abs=1e-3)   # high noise: weight 1, not ~0
+    assert dit.loss_weight(a, "x", 5.0)[-1].item() < 1e-3      # (min-SNR: almost nothing)
+
+
+def test_qk_norm_bounds_the_attention_logits_and_keeps_sdpa_equal_to_manual():
+    torch.manual_seed(0)
+    x = 30 * torch.randn(2, 5, 64)   # large activations: large logits without the norm
+    for qk_norm in (False, True):
+        sdpa, manual = dit.Attention(64, 4, "sdpa", qk_norm), dit.Attention(64, 4, "manual", qk_norm)
+        manual.load_state_dict(sdpa.state_dict())
+        torch.testing.assert_close(manual(x), sdpa(x), rtol=0, atol=1e-4)
+        q, k, _ = sdpa.queries_keys_values(x)
+        largest = ((q @ k.transpose(-2, -1)) / math.sqrt(16)).abs().max().item()
+        # q and k normalised to length sqrt(d) = 4: a logit is at most sqrt(d) (Cauchy-Schwarz)
+        assert (largest <= 4 + 1e-4) if qk_norm else (largest > 40)
+
+
+def test_snapshots_are_kept_and_overwrite_removes_them(autoencoder_run, tmp_path):
+    run = copy_run(autoencoder_run, tmp_path / "snap", "autoencoder.pt")
+    run_main("train_latent_dit.py", "--run", run, "--steps", "20", *TINY, "--snapshot-every", "10")
+    assert sorted(p.name for p in run.glob("dit_step*.pt")) == ["dit_step000010.pt",
+                                                                "dit_step000020.pt"]
+    assert torch.load(run / "dit_step000010.pt", weights_only=True)["step"] == 10
+    run_main("train_latent_dit.py", "--run", run, "--steps", "5", *TINY, "--overwrite")
+    assert not list(run.glob("dit_step*.pt"))   # they belonged to the run started over
+
+
 def test_lr_schedule():
     config = {"lr": 1e-3, "warmup": 10, "lr_schedule": "cosine"}
     lrs = [dit.lr_at(step, config, 110) for step in range(110)]
