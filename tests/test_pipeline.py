@@ -87,3 +87,16 @@ def test_every_flag_in_the_readme_commands_exists():
             helps[script] = out.getvalue()
         for flag in re.findall(r"(?<!\S)(--[a-z][a-z0-9-]*)", args):
             assert flag in helps[script], f"{script} {flag}"
+
+
+def test_every_picture_of_the_docs_is_committed_small_and_shown():
+    """The pictures of README.md and RESULTS.md lie in assets/, each a PNG under 100 KB, and every
+    file in assets/ is shown on one of the two pages."""
+    text = (ROOT / "README.md").read_text() + "\n" + (ROOT / "RESULTS.md").read_text()
+    shown = set(re.findall(r"\]\((assets/[\w.-]+)\)", text))
+    assert len(shown) >= 8
+    for name in shown:
+        path = ROOT / name
+        assert path.is_file() and path.stat().st_size < 100_000, name
+        assert Image.open(path).format == "PNG", name
+    assert {f"assets/{p.name}" for p in (ROOT / "assets").iterdir()} == shown
