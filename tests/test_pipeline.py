@@ -67,10 +67,15 @@ def test_five_stages_hand_each_file_on(shapes_folder, tmp_path):
         assert Image.open(run / name).size == (480, 300)
 
 
+def docs_text():
+    """README.md and RESULTS.md, the two pages a reader is shown, as one text."""
+    return (ROOT / "README.md").read_text() + "\n" + (ROOT / "RESULTS.md").read_text()
+
+
 def test_every_flag_in_the_readme_commands_exists():
     """Each `python <script>.py ...` of README.md and RESULTS.md, in a code block or inline, uses only
     flags that the script's --help lists: the commands of both pages run as written."""
-    text = (ROOT / "README.md").read_text() + "\n" + (ROOT / "RESULTS.md").read_text()
+    text = docs_text()
     commands = []
     for block in re.findall(r"```\n(.*?)```", text, re.S):
         commands += re.findall(
@@ -92,7 +97,7 @@ def test_every_flag_in_the_readme_commands_exists():
 def test_every_picture_of_the_docs_is_committed_small_and_shown():
     """The pictures of README.md and RESULTS.md lie in assets/, each a PNG under 100 KB, and every
     file in assets/ is shown on one of the two pages."""
-    text = (ROOT / "README.md").read_text() + "\n" + (ROOT / "RESULTS.md").read_text()
+    text = docs_text()
     shown = set(re.findall(r"\]\((assets/[\w.-]+)\)", text))
     assert len(shown) >= 8
     for name in shown:
