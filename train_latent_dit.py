@@ -89,8 +89,7 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(sinusoid(t, self.freq_dim))
 
 def drop_labels(labels, num_classes, p, generator):
-    """Classifier-free guidance in training: each label becomes the null label (num_classes) with
-    probability p."""
+    """Classifier-free guidance in training: each label becomes the null label with probability p."""
     drop = torch.rand(labels.shape, generator=generator) < p
     return torch.where(drop, torch.full_like(labels, num_classes), labels)
 
@@ -99,9 +98,8 @@ def drop_labels(labels, num_classes, p, generator):
 # The transformer: hand-written attention, adaLN-Zero blocks
 
 class Attention(nn.Module):
-    """Multi-head self-attention: softmax(q k^T / sqrt(d)) v, or the same through PyTorch's fused
-    SDPA kernel. qk_norm: q and k are layer-normalised per head (ViT-22B, SD3), which bounds the
-    attention logits."""
+    """Multi-head self-attention: softmax(q k^T / sqrt(d)) v, by hand or through PyTorch's fused SDPA;
+    qk_norm: q and k layer-normalised per head (ViT-22B, SD3), which bounds the attention logits."""
     def __init__(self, dim, heads, impl="sdpa", qk_norm=False):
         super().__init__()
         self.heads = heads
@@ -311,8 +309,7 @@ def update_ema(ema, model, decay):
             e.lerp_(p, 1 - decay)
 
 def lr_at(step, config, total_steps):
-    """Linear warm-up, then constant (`constant`) or half a cosine down to zero at total_steps
-    (`cosine`)."""
+    """Linear warm-up, then `constant`, or half a `cosine` down to zero at total_steps."""
     if step < config["warmup"] or config["lr_schedule"] == "constant":
         return config["lr"] * min(1.0, (step + 1) / max(1, config["warmup"]))
     progress = (step - config["warmup"]) / max(1, total_steps - config["warmup"])
@@ -470,7 +467,8 @@ def main(argv=None):
                    help="what the DiT outputs: the noise eps, the velocity v or the clean latent x")
     p.add_argument("--x-loss", choices=["x0", "v"], default="x0", help="with --target x: the x0 "
                    "error weighted min(SNR, gamma), or JiT's loss on the velocity derived from x")
-    p.add_argument("--qk-norm", action="store_true", help="layer-normalise queries and keys per head")
+    p.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default="auto", help="layer-"
+                   "normalise queries and keys per head; auto: on with --target x, the x recipe")
     p.add_argument("--snapshot-every", type=int, default=0, help="also keep RUN/dit_stepNNNNNN.pt "
                    "every this many steps (0: none)")
     p.add_argument("--schedule", choices=["linear", "cosine"], default="linear", help="noise schedule")
@@ -485,6 +483,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     # torchrun's parser takes `--run` for its `--run-path`: `torchrun ... file.py -- --run DIR`
     args = parse_training_args(p, argv[1:] if argv[:1] == ["--"] else argv, STEPS)
+    if args.qk_norm == "auto":   # an x run without QK-norm can break (RESULTS.md)
+        args.qk_norm = args.target == "x"
     if args.patch < 1 or min(args.warmup, args.snapshot_every) < 0 or not (
             0 < args.grad_clip < float("inf") and 0 <= args.min_snr_gamma < float("inf")):
         raise UserError("--patch must be positive, --warmup and --snapshot-every >= 0, "
