@@ -240,19 +240,20 @@ def test_qk_norm_bounds_the_attention_logits_and_keeps_sdpa_equal_to_manual():
         assert (largest <= 4 + 1e-4) if qk_norm else (largest > 40)
 
 
-def test_snapshots_are_kept_and_overwrite_removes_them_and_x_turns_qk_norm_on(autoencoder_run,
-                                                                              tmp_path):
+def test_snapshots_are_kept_and_overwrite_removes_them_and_the_default_x_has_qk_norm(
+        autoencoder_run, tmp_path):
     run = copy_run(autoencoder_run, tmp_path / "snap", "autoencoder.pt")
-    run_main("train_latent_dit.py", "--run", run, "--steps", "20", *TINY, "--snapshot-every", "10")
+    run_main("train_latent_dit.py", "--run", run, "--steps", "20", *TINY, "--snapshot-every", "10",
+             "--target", "v")
     assert sorted(p.name for p in run.glob("dit_step*.pt")) == ["dit_step000010.pt",
                                                                 "dit_step000020.pt"]
     ckpt = torch.load(run / "dit_step000010.pt", weights_only=True)
     assert ckpt["step"] == 10 and ckpt["config"]["qk_norm"] is False   # --target v: no QK-norm
-    run_main("train_latent_dit.py", "--run", run, "--steps", "5", *TINY, "--overwrite",
-             "--target", "x")
+    run_main("train_latent_dit.py", "--run", run, "--steps", "5", *TINY, "--overwrite")
     assert not list(run.glob("dit_step*.pt"))   # they belonged to the run started over
-    ckpt = torch.load(run / "dit.pt", weights_only=True)   # the x recipe: QK-norm by default
-    assert ckpt["config"]["qk_norm"] is True and "blocks.0.attn.q_norm.weight" in ckpt["model"]
+    ckpt = torch.load(run / "dit.pt", weights_only=True)   # the default, the x recipe: QK-norm
+    assert ckpt["config"]["target"] == "x" and ckpt["config"]["qk_norm"] is True
+    assert "blocks.0.attn.q_norm.weight" in ckpt["model"]
 
 
 def test_lr_schedule():
