@@ -43,7 +43,7 @@ WARMUP = 500            # steps of linear learning-rate warm-up
 GRAD_CLIP = 1.0
 EMA_DECAY = 0.9999
 CLASS_DROPOUT = 0.1     # labels replaced by the null label, for classifier-free guidance
-TARGET = "x"            # the DiT predicts the clean latent x0 (or v = sqrt(a) eps - sqrt(1 - a) x0, or eps)
+TARGET = "x"            # the DiT predicts the clean latent x0, with QK-norm (or v, or the noise eps)
 MIN_SNR_GAMMA = 5.0     # min-SNR-gamma loss weighting (Hang et al. 2023; 0: plain MSE)
 T_SAMPLING = "logit-normal"   # t / T = sigmoid(N(0, 1)): the middle steps more often than the ends
 LR_SCHEDULE = "cosine"  # after the warm-up, the learning rate decays to zero at the last step
